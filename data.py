@@ -1,0 +1,664 @@
+"""
+Behavior logs -> token streams on disk, the leave-last-out split, and training batches.
+
+HeTLM reads a user's page visits as a sentence: each session becomes `<bos> p1 p2 ... pn <eos>`
+and a user's stream is their sessions in time order. BehaviorLM splits pages into frequent
+*anchor* behaviors and the long *tail*; the anchor set is computed here and stored in meta.json.
+
+    python data.py --builtin                                   # simulated site -> data/builtin
+    python data.py msnbc990928.seq.gz --out_dir=data/msnbc     # UCI MSNBC (.seq with % header)
+    python data.py BMS.dat.gz --out_dir=data/bms               # BMS-WebView-1 (`session page` pairs)
+    python data.py log.csv --out_dir=data/mysite --time_col=time --session_gap=1800
+
+Input formats (gzip is detected by its magic bytes, whatever the file name):
+- events: .csv/.tsv/.jsonl with a header (jsonl: one object per line); columns user_col, page_col,
+  optional time_col (epoch seconds or ISO-8601; naive times are UTC) and session_col. With time,
+  a user's events are stably sorted by time and a gap > session_gap seconds starts a new session;
+  a change of session id starts one too. With neither, a user's events are one session.
+- seq: one sequence (= one session) per line, whitespace-separated pages. A first token ending in
+  ':' is the user id (`u42: a b c`; lines with the same id are one user's sessions); otherwise the
+  user id is the line number. UCI MSNBC layout: a file opening with '%' lines has a header up to
+  the line '% Sequences:'; a word line inside it names the pages, so page k is the k-th name.
+- pairs: `user page` per line, in order (BMS-WebView-1); each user is one session.
+- auto: by extension (.csv .tsv .jsonl .ndjson .json -> events, .seq -> seq, after stripping .gz),
+  else by content: first line '%' -> seq, '{' -> events, a header holding user_col and page_col
+  -> events, every one of the first 1000 lines with exactly two fields -> pairs, else seq.
+
+A prepared folder (see SPEC): tokens.bin (uint32), offsets.npy, val_pos.npy, test_pos.npy,
+users.txt, tokenizer.json, meta.json (written last; no meta.json = not prepared).
+"""
+
+import argparse
+import csv
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from array import array
+from bisect import bisect
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK, PageTokenizer
+
+
+class DataError(ValueError):
+    """Bad input or a missing dataset; the message is one line naming the file (and line)."""
+
+
+# -----------------------------------------------------------------------------
+# reading: every reader maps user and page strings to raw integer ids as it goes (one dict each)
+
+def lines(path, newline=None):
+    """Yield (line number, line) of a plain or gzip text file (gzip by magic bytes), with a progress bar."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8", newline=newline)
+        bar = tqdm(total=os.fstat(raw.fileno()).st_size, unit="B", unit_scale=True, disable=None, leave=False,
+                   desc=f"reading {os.path.basename(path)}")  # compressed bytes; hidden when not a TTY
+        try:
+            for lineno, line in enumerate(f, 1):
+                if lineno & 0xFFFF == 0:
+                    bar.update(raw.tell() - bar.n)
+                yield lineno, line
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        finally:
+            bar.close()
+
+
+def parse_time(value):
+    """Epoch seconds (number or numeric string) or ISO-8601 string -> float seconds; ValueError if bad."""
+    try:
+        t = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        dt = datetime.fromisoformat(str(value).strip())
+        t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()  # naive times are UTC
+    if not math.isfinite(t):
+        raise ValueError(value)
+    return t
+
+
+def detect_format(path, user_col="user", page_col="page"):
+    """'events' | 'seq' | 'pairs' by the rule in the module docstring."""
+    name = os.path.basename(path).lower().removesuffix(".gz")
+    ext = os.path.splitext(name)[1]
+    if ext in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
+        return "events"
+    if ext == ".seq":
+        return "seq"
+    it = lines(path)
+    first = [ln.strip() for _, ln in itertools.islice((x for x in it if x[1].strip()), 1000)]
+    it.close()
+    if not first:
+        raise DataError(f"{path}: empty file (no events)")
+    if first[0].startswith("%"):
+        return "seq"
+    if first[0].startswith("{") or any({user_col, page_col} <= {c.strip() for c in first[0].split(s)} for s in ",\t"):
+        return "events"
+    return "pairs" if all(len(ln.split()) == 2 for ln in first) else "seq"
+
+
+def read_seq(path):
+    """One sequence (= session) per line; optional `id:` first token; MSNBC '%' header with page names."""
+    uid, pid, users, pages, n_pages = {}, {}, array("q"), array("q"), array("q")  # users per LINE here
+    names, in_header = [], None
+    for lineno, line in lines(path):
+        if in_header is None:
+            in_header = line.startswith("%")  # the UCI MSNBC layout opens with '% ...'
+        if in_header:  # ... and its header ends at '% Sequences:'
+            if line.startswith("%"):
+                in_header = "sequences" not in line.lower()
+            else:
+                names += line.split()  # "frontpage news tech ..." names pages 1, 2, 3, ...
+            continue
+        toks = line.split()
+        if not toks or toks[0].startswith("%"):
+            continue  # blank lines and '%' comments
+        user = str(lineno)
+        if toks[0].endswith(":"):
+            user, toks = toks[0][:-1], toks[1:]
+            if not user or not toks:
+                raise DataError(f"{path}:{lineno}: malformed line (expected `id: page page ...`)")
+        users.append(uid.setdefault(user, len(uid)))
+        pages.extend([pid.setdefault(t, len(pid)) for t in toks])
+        n_pages.append(len(toks))
+    if in_header:
+        raise DataError(f"{path}: '%' header without a '% Sequences:' line")
+    n_pages = np.frombuffer(n_pages, dtype=np.int64)
+    ev = events(path, "seq", uid, pid, np.repeat(np.frombuffer(users, dtype=np.int64), n_pages), pages)
+    ev["line_start"] = np.zeros(len(ev["page"]), dtype=bool)
+    ev["line_start"][np.cumsum(n_pages) - n_pages] = True  # each line is a session
+    if names:  # MSNBC: category numbers 1..17 -> their names
+        ev["pages"] = [names[int(p) - 1] if p.isdigit() and 1 <= int(p) <= len(names) else p for p in ev["pages"]]
+    return ev
+
+
+def read_pairs(path):
+    """`user page` per line, in order; each user's events are one session."""
+    uid, pid, users, pages = {}, {}, array("q"), array("q")
+    for lineno, line in lines(path):
+        toks = line.split()
+        if len(toks) != 2:
+            if not toks:
+                continue
+            raise DataError(f"{path}:{lineno}: malformed line (expected `user page`, got {len(toks)} fields)")
+        users.append(uid.setdefault(toks[0], len(uid)))
+        pages.append(pid.setdefault(toks[1], len(pid)))
+    return events(path, "pairs", uid, pid, users, pages)
+
+
+def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
+    """Event log with a header, .csv/.tsv (sep) or .jsonl; the time and session columns are optional."""
+    uid, pid, users, pages, times, sid, sessions = {}, {}, array("q"), array("q"), array("d"), {}, array("q")
+    cols = [c for c in (user_col, page_col, time_col, session_col) if c]
+    name = os.path.basename(path).lower().removesuffix(".gz")
+    it = lines(path, newline="")
+    head_no, head = next((x for x in it if x[1].strip()), (0, ""))
+    if not head:
+        raise DataError(f"{path}: empty file (no events)")
+    if sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{"))):
+        rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
+    else:
+        sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
+        rows = csv_rows(path, it, head_no, head, sep, cols)
+    for lineno, row in rows:
+        user, page = row[0], row[1]
+        if not user or not page:
+            raise DataError(f"{path}:{lineno}: malformed line (empty {user_col if not user else page_col!r})")
+        users.append(uid.setdefault(user, len(uid)))
+        pages.append(pid.setdefault(page, len(pid)))
+        if time_col:
+            try:
+                times.append(parse_time(row[2]))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{lineno}: bad timestamp {row[2]!r} in column {time_col!r} "
+                                "(expected epoch seconds or ISO-8601)") from None
+        if session_col:
+            sessions.append(sid.setdefault(row[-1], len(sid)))
+    return events(path, "events", uid, pid, users, pages,
+                  time=np.frombuffer(times, dtype=np.float64) if time_col else None,
+                  session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
+
+
+def csv_rows(path, it, head_no, head, sep, cols):
+    """Yield (line number, [values of cols]) of a csv/tsv body."""
+    header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
+    missing = [c for c in cols if c not in header]
+    if missing:
+        raise DataError(f"{path}:{head_no}: missing column {missing[0]!r} (header: {sep.join(header)})")
+    idx = [header.index(c) for c in cols]
+    reader = csv.reader((line for _, line in it), delimiter=sep)
+    try:
+        for row in reader:
+            if len(row) != len(header):
+                if not "".join(row).strip():
+                    continue  # blank line
+                raise DataError(f"{path}:{head_no + reader.line_num}: malformed line "
+                                f"(expected {len(header)} fields, got {len(row)})")
+            yield head_no + reader.line_num, [row[i] for i in idx]
+    except csv.Error as e:
+        raise DataError(f"{path}:{head_no + reader.line_num}: malformed line ({e})") from None
+
+
+def json_rows(path, it, cols, time_col=None):
+    """Yield (line number, [values of cols]) of a jsonl file, user and page as strings."""
+    for lineno, line in it:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed line (bad JSON: {e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: malformed line (expected a JSON object)")
+        missing = [c for c in cols if c not in obj]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing column {missing[0]!r}")
+        yield lineno, [obj[c] if c == time_col else "" if obj[c] is None else str(obj[c]) for c in cols]
+
+
+def events(path, fmt, uid, pid, users, pages, time=None, session=None):
+    """A reader's result: raw ids (int64 arrays) and the strings behind them."""
+    if len(pages) == 0:
+        raise DataError(f"{path}: empty file (no events)")
+    return {"format": fmt, "users": list(uid), "pages": list(pid), "time": time, "session": session,
+            "user": np.asarray(np.frombuffer(users, dtype=np.int64) if isinstance(users, array) else users),
+            "page": np.frombuffer(pages, dtype=np.int64), "line_start": None}
+
+
+# -----------------------------------------------------------------------------
+# prepare: sessions, leave-last-out split, tokenizer on the training part, anchors, atomic write
+
+def anchor_split(counts, anchor_share=0.01, anchor_mass=0.0):
+    """BehaviorLM's anchor set from per-token training-target counts (V,).
+
+    share rule (default): pages whose share of training page-targets exceeds anchor_share.
+    mass rule (anchor_mass > 0): the smallest set of most frequent pages holding >= anchor_mass.
+    Special tokens are never anchors and are not in the total. Returns (ids, rule, share held)."""
+    counts = np.asarray(counts, dtype=np.int64).copy()
+    counts[:N_SPECIAL] = 0
+    total = counts.sum()
+    if total == 0:
+        return np.zeros(0, dtype=np.int64), ("mass" if anchor_mass > 0 else "share"), 0.0
+    if anchor_mass > 0:
+        order = np.argsort(-counts, kind="stable")  # most frequent first, ties by id
+        k = int(np.searchsorted(np.cumsum(counts[order]), anchor_mass * total - 1e-9)) + 1
+        ids, rule = np.sort(order[:min(k, int((counts > 0).sum()))]), "mass"
+    else:
+        ids, rule = np.flatnonzero(counts > anchor_share * total), "share"
+    return ids.astype(np.int64), rule, float(counts[ids].sum() / total)
+
+
+def sessions_of(ev, session_gap):
+    """Group events by user (stably; by time when there is time) and mark session starts."""
+    user, t = ev["user"], ev["time"]
+    if t is not None:
+        order = np.lexsort((t, user))  # stable: equal times keep file order
+    elif len(user) > 1 and np.any(user[1:] < user[:-1]):
+        order = np.argsort(user, kind="stable")
+    else:
+        order = None
+    if order is not None:
+        ev = {**ev, **{k: ev[k][order] for k in ("user", "page", "time", "session", "line_start") if ev[k] is not None}}
+        user, t = ev["user"], ev["time"]
+    start = np.ones(len(user), dtype=bool)
+    start[1:] = user[1:] != user[:-1]
+    if ev["line_start"] is not None:
+        start |= ev["line_start"]
+    if t is not None:
+        start[1:] |= np.diff(t) > session_gap
+    if ev["session"] is not None:
+        start[1:] |= ev["session"][1:] != ev["session"][:-1]
+    return ev, start
+
+
+def write_atomic(path, obj):
+    """Write an array (.npy or raw .bin), a list of lines, a tokenizer or a dict (JSON) via tmp + os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(obj, PageTokenizer):
+        obj.save(tmp)
+    else:
+        with open(tmp, "wb") as f:
+            if path.endswith(".bin"):
+                obj.tofile(f)
+            elif path.endswith(".npy"):
+                np.save(f, obj)
+            elif isinstance(obj, dict):
+                f.write(json.dumps(obj, indent=1).encode())
+            else:
+                f.write(("\n".join(obj) + "\n").encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
+            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0):
+    """Read a behavior log, split it leave-last-out, tokenize, and write a dataset folder. Returns meta."""
+    settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
+                    sep=sep, session_gap=session_gap, min_count=min_count, anchor_share=anchor_share,
+                    anchor_mass=anchor_mass)
+    t0 = time.time()
+    fmt = detect_format(input_path, user_col, page_col) if fmt == "auto" else fmt
+    if fmt not in ("events", "seq", "pairs"):
+        raise DataError(f"unknown format {fmt!r} (expected auto, events, seq or pairs)")
+    if fmt != "events" and (time_col or session_col):
+        raise DataError(f"{input_path}: time_col/session_col apply to event logs only, not to {fmt} files")
+    if fmt == "events":
+        ev = read_events(input_path, user_col, page_col, time_col, session_col, sep)
+    else:
+        ev = read_seq(input_path) if fmt == "seq" else read_pairs(input_path)
+    if any("\n" in u or "\r" in u for u in ev["users"]):
+        raise DataError(f"{input_path}: a user id contains a line break")
+    ev, start = sessions_of(ev, session_gap)
+    user, page = ev["user"], ev["page"]
+    n, n_users = len(page), len(ev["users"])
+
+    # leave-last-out per user: test = last page, val = the one before; < 3 pages -> training only
+    n_ev = np.bincount(user, minlength=n_users)                  # (U,) events per user
+    last = np.cumsum(n_ev) - 1                                   # (U,) index of each user's last event
+    evaluable = n_ev >= 3
+    train = np.ones(n, dtype=bool)
+    train[last[evaluable]] = False
+    train[last[evaluable] - 1] = False
+
+    # vocabulary and frequencies from the training part only; unseen val/test pages -> <unk>
+    raw_counts = np.bincount(page[train], minlength=len(ev["pages"]))
+    counter = {ev["pages"][i]: int(raw_counts[i]) for i in np.flatnonzero(raw_counts)}
+    tok = PageTokenizer.from_counts(counter, min_count)
+    lookup = tok.encode(ev["pages"])                             # raw page id -> token id (uint32)
+
+    # token layout: each session is <bos> p1 .. pn <eos>, so event i sits at i + 2*session(i) + 1
+    sess = np.cumsum(start) - 1                                  # (N,) global session index
+    pos = np.arange(n, dtype=np.int64) + 2 * sess + 1            # (N,) absolute token index of each event
+    n_sessions = int(sess[-1]) + 1
+    tokens = np.empty(n + 2 * n_sessions, dtype=np.uint32)
+    tokens[pos] = lookup[page]
+    firsts = np.flatnonzero(start)
+    tokens[pos[firsts] - 1] = BOS
+    tokens[pos[np.append(firsts[1:] - 1, n - 1)] + 1] = EOS
+    offsets = np.append(pos[last - n_ev + 1] - 1, len(tokens)).astype(np.int64)  # (U+1,)
+    val_pos = np.where(evaluable, pos[np.maximum(last - 1, 0)], -1).astype(np.int64)
+    test_pos = np.where(evaluable, pos[last], -1).astype(np.int64)
+
+    anchor_ids, rule, held = anchor_split(tok.counts, anchor_share, anchor_mass)
+    n_eval = int(evaluable.sum())
+    meta = {"source": input_path, "format": fmt, "n_users": n_users, "n_eval_users": n_eval,
+            "n_events": n, "n_sessions": n_sessions, "n_tokens": len(tokens), "n_train_targets": int(train.sum()),
+            "vocab_size": tok.vocab_size, "n_pages": tok.vocab_size - N_SPECIAL,
+            "n_pages_in_input": len(ev["pages"]),
+            "val_unk_rate": float((tokens[val_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
+            "test_unk_rate": float((tokens[test_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
+            "anchor": {"rule": rule, "anchor_share": anchor_share, "anchor_mass": anchor_mass,
+                       "ids": anchor_ids.tolist(), "n_anchors": len(anchor_ids), "share": held},
+            "settings": settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    # write: meta.json goes first (removed) and last (written), each file via tmp + os.replace,
+    # so an interrupted run leaves a folder that load_data refuses, never a half-updated dataset
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        os.remove(os.path.join(data_dir, "meta.json"))
+    files = [("tokens.bin", tokens), ("offsets.npy", offsets), ("val_pos.npy", val_pos),
+             ("test_pos.npy", test_pos), ("users.txt", ev["users"]), ("tokenizer.json", tok)]
+    for name, obj in tqdm(files, desc="writing", disable=None, leave=False):
+        write_atomic(os.path.join(data_dir, name), obj)
+    meta["seconds"] = round(time.time() - t0, 2)
+    write_atomic(os.path.join(data_dir, "meta.json"), meta)
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# loading, training windows, batches, evaluation examples
+
+class BehaviorData:
+    """A prepared dataset folder, memory-mapped. State is real (files, lazy user ids), hence a class."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        path = lambda name: os.path.join(data_dir, name)
+        if not os.path.isfile(path("meta.json")):
+            raise DataError(f"{data_dir}: not a prepared dataset (no meta.json); "
+                            f"run `python data.py INPUT --out_dir={data_dir}` or `python data.py --builtin`")
+        with open(path("meta.json"), encoding="utf-8") as f:
+            self.meta = json.load(f)
+        self.tokens = np.memmap(path("tokens.bin"), dtype=np.uint32, mode="r")     # (n_tokens,)
+        self.offsets = np.load(path("offsets.npy"), mmap_mode="r")                # (U+1,)
+        self.val_pos = np.load(path("val_pos.npy"), mmap_mode="r")                # (U,) -1: training only
+        self.test_pos = np.load(path("test_pos.npy"), mmap_mode="r")              # (U,)
+        self.tokenizer = PageTokenizer.load(path("tokenizer.json"))
+        self.n_users = len(self.offsets) - 1
+        self.vocab_size = self.tokenizer.vocab_size
+        self.train_end = np.where(self.val_pos >= 0, self.val_pos, self.offsets[1:]).astype(np.int64)  # (U,)
+        self.anchor_ids = np.asarray(self.meta["anchor"]["ids"], dtype=np.int64)
+        self.segments = np.load(path("segments.npy")) if os.path.isfile(path("segments.npy")) else None
+        if len(self.tokens) != self.meta["n_tokens"] or self.n_users != self.meta["n_users"]:
+            raise DataError(f"{data_dir}: files disagree with meta.json; prepare it again")
+        self._user_ids, self._user_index = None, None
+
+    def user_ids(self):
+        if self._user_ids is None:
+            with open(os.path.join(self.data_dir, "users.txt"), encoding="utf-8") as f:
+                self._user_ids = f.read().split("\n")[:self.n_users]
+        return self._user_ids
+
+    def user_index(self, uid):
+        if self._user_index is None:
+            self._user_index = {u: i for i, u in enumerate(self.user_ids())}
+        if uid not in self._user_index:
+            raise KeyError(f"unknown user {uid!r} in {self.data_dir}")
+        return self._user_index[uid]
+
+    def __repr__(self):
+        return (f"BehaviorData({self.data_dir}: {self.n_users} users, {len(self.tokens)} tokens, "
+                f"{self.vocab_size} ids)")
+
+
+def load_data(data_dir):
+    return BehaviorData(data_dir)
+
+
+def train_windows(data, block_size):
+    """(n_windows, 2) int64 [start, end) token ranges, each inside ONE user's train region.
+
+    A region of L tokens is cut into ceil((L-1)/block_size) windows of up to block_size+1 tokens;
+    consecutive windows share their boundary token, so every target is predicted exactly once."""
+    start, end = data.offsets[:-1].astype(np.int64), data.train_end
+    n_win = np.maximum(end - start - 1 + block_size - 1, 0) // block_size   # (U,) 0 when L < 2
+    first = np.repeat(start, n_win)                                        # (W,)
+    k = np.arange(int(n_win.sum())) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # window index in user
+    s = first + k * block_size
+    e = np.minimum(s + block_size + 1, np.repeat(end, n_win))
+    return np.stack([s, e], axis=1)
+
+
+def get_batch(data, windows, rows):
+    """Gather windows[rows] -> x, y torch.int64 (B, T), T = longest window - 1, right-padded.
+
+    x pads are <pad>; y is -1 at pads and where the target is <bos> or <pad> (trivially predictable)."""
+    w = windows[np.asarray(rows)]
+    n_in = w[:, 1] - w[:, 0] - 1                                  # (B,) input length of each row
+    T = int(n_in.max())
+    idx = w[:, :1] + np.arange(T + 1)                             # (B, T+1) absolute token indices
+    valid = np.arange(T)[None, :] < n_in[:, None]                 # (B, T) real positions
+    tok = data.tokens[np.minimum(idx, len(data.tokens) - 1)].astype(np.int64)
+    x = np.where(valid, tok[:, :-1], PAD)
+    y = np.where(valid, tok[:, 1:], -1)
+    y[(y == BOS) | (y == PAD)] = -1
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def eval_examples(data, split):
+    """(users, ctx_start, ctx_end, targets) int64, one row per evaluable user; target = tokens[ctx_end]."""
+    pos = {"val": data.val_pos, "test": data.test_pos}[split]
+    users = np.flatnonzero(np.asarray(pos) >= 0).astype(np.int64)
+    ctx_end = np.asarray(pos[users], dtype=np.int64)
+    return users, data.offsets[users].astype(np.int64), ctx_end, data.tokens[ctx_end].astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# the built-in dataset: a simulated shop, generated deterministically (no download)
+
+CATEGORIES = ["electronics", "books", "fashion", "beauty", "toys", "home-living", "sports", "garden"]
+HUBS = ["home", "search", "deals", "new-arrivals", "cart", "wishlist", "checkout", "purchase", "account", "help"]
+N_ITEMS, N_REVIEWED = 40, 12  # items per category (Zipf popularity by index); items 0..11 have a reviews page
+SEGMENTS = [  # the ground truth of the simulated shop (see simulate_site); weights need not sum to 1
+    dict(name="deal hunters", share=.24, likes={"fashion": 5, "beauty": 4}, sessions=4, p_end=.14,
+         land=[3, 6, 1, 0, 0],                   # session starts at: home, deals, category, search, new-arrivals
+         home=[6, 2, 1, .5, .5],                 # home -> deals, category, search, account/help, new-arrivals
+         item=[25, 5, 4, 36, 2, 10, 5, 13],      # item -> item of the same category, its companion, its reviews,
+         checkout=.35, purchase=.5),             #         cart, wishlist, category page, search, home
+    dict(name="researchers", share=.20, likes={"electronics": 6, "books": 4}, sessions=3, p_end=.07,
+         land=[5, 0, 3, 2, 0], home=[.5, 5, 3, 1, .5], item=[20, 25, 35, 8, 2, 5, 7, 0],
+         checkout=.5, purchase=.6),
+    dict(name="family shoppers", share=.20, likes={"toys": 5, "home-living": 4}, sessions=4, p_end=.12,
+         land=[6, 1, 3, 0, 0], home=[1, 7, .5, 1, .5], item=[28, 10, 5, 42, 0, 10, 0, 5],
+         checkout=.75, purchase=.85),
+    dict(name="outdoor searchers", share=.20, likes={"sports": 5, "garden": 4}, sessions=4, p_end=.10,
+         land=[2, 0, 1, 7, 0], home=[.5, 2, 7, .5, 0], item=[18, 15, 10, 12, 0, 0, 45, 0],
+         checkout=.5, purchase=.5),
+    dict(name="window shoppers", share=.16, likes={}, sessions=5, p_end=.2,
+         land=[6, 1, 1, 0, 2], home=[1, 3, 0, 1, 5], item=[15, 5, 5, 2, 25, 20, 3, 25],
+         checkout=.2, purchase=.3),
+]
+
+
+def builtin_pages():
+    return (HUBS + [f"c/{c}" for c in CATEGORIES] + [f"p/{c}/{k}" for c in CATEGORIES for k in range(N_ITEMS)]
+            + [f"p/{c}/{k}/reviews" for c in CATEGORIES for k in range(N_REVIEWED)])
+
+
+def companion(k):
+    """Item k's companion (think: camera -> its lens): a tail item (20..39) of the same category."""
+    return 20 + (7 * k + 3) % 20
+
+
+def simulate_site(n_users=5000, seed=1337):
+    """Simulated shop log: rows (user, epoch seconds, page) and the ground-truth segment of each user.
+
+    Ground truth (what a model can learn, and why a GPT with context beats first-order Markov):
+    - 434 pages (builtin_pages): 10 hubs (home, search, deals, new-arrivals, cart, wishlist,
+      checkout, purchase, account, help), 8 category pages c/X, 320 items p/X/k with Zipf(1.1)
+      popularity by k, 96 reviews pages p/X/k/reviews (k < 12). Most pages hold < 1% of events.
+    - 5 segments (SEGMENTS) with their own liked categories (recoverable by clustering users'
+      page counts), landing pages, next page from home and from an item, checkout and purchase
+      rates (the outcome page `purchase`) and session lengths: the same page is left differently
+      by different segments, so knowing the segment (from the context) helps.
+    - Tail pages are predictable: from item p/X/k the user opens its companion p/X/c(k), c(k) =
+      20 + (7k+3) mod 20 (a tail item), with a segment-dependent probability; reviews pages are
+      reached only from their item; new-arrivals leads to the newest items p/X/30..39.
+    - Second-order rules (the page two or more steps back matters): after a companion, 40% go
+      back to the item it came from; after reviews, 50% back to the item and 35% to the cart;
+      search leads to an item of the category browsed before the search; cart and wishlist lead
+      to checkout or back to the category page of the item put there; purchase ends the session
+      70% of the time.
+    - Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes."""
+    rng = np.random.default_rng(seed)
+    def uniforms():  # scalar draws from a seeded stream, fast
+        while True:
+            yield from rng.random(1 << 16).tolist()
+    U = uniforms()
+    cum = lambda w: (np.cumsum(w) / np.sum(w)).tolist()
+    draw = lambda c: min(bisect(c, next(U)), len(c) - 1)  # index drawn with cumulative weights c
+    zipf_item, flat_item = cum(1 / np.arange(1, N_ITEMS + 1) ** 1.1), cum(1 / np.arange(1, N_ITEMS + 1) ** 0.5)
+    seg_of = np.minimum(np.searchsorted(np.cumsum([s["share"] for s in SEGMENTS]), rng.random(n_users)),
+                        len(SEGMENTS) - 1)
+    item = lambda c, k: (f"p/{CATEGORIES[c]}/{k}", c, k)      # a page is (name, category, item)
+    category = lambda c: (f"c/{CATEGORIES[c]}", c, None)
+    hub = lambda name, c=None, k=None: (name, c, k)
+    rows, t_first = [], 1704067200 + rng.integers(0, 30 * 86400, size=n_users)  # from 2024-01-01 UTC
+    for u in range(n_users):
+        seg = SEGMENTS[seg_of[u]]
+        cats = cum([seg["likes"].get(c, .2) if seg["likes"] else 1 for c in CATEGORIES])
+        land, home, acts = cum(seg["land"]), cum(seg["home"]), cum(seg["item"])
+        t = float(t_first[u])
+        for _ in range(1 + rng.poisson(seg["sessions"] - 1)):
+            page = [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)), hub("new-arrivals")][draw(land)]
+            hist = []
+            while True:
+                hist.append(page)
+                rows.append((u, int(t), page[0]))
+                t += 5 + 115 * next(U) ** 2
+                if len(hist) >= 40 or next(U) < (.7 if page[0] == "purchase" else seg["p_end"]):
+                    break
+                name, c, k = page
+                prev = hist[-2] if len(hist) > 1 else hub(None)
+                if name == "home":
+                    a = draw(home)
+                    page = [hub("deals"), category(draw(cats)), hub("search", draw(cats)),
+                            hub("account" if next(U) < .6 else "help"), hub("new-arrivals")][a]
+                elif name == "deals":  # sale items 8, 13, 17 of a liked category
+                    page = item(draw(cats), (8, 13, 17)[min(int(3 * next(U)), 2)])
+                elif name == "new-arrivals":  # the newest items, 30..39: tail pages
+                    page = item(draw(cats), 30 + min(int(10 * next(U)), 9))
+                elif name.startswith("c/"):
+                    page = item(c, draw(zipf_item))
+                elif name == "search":  # an item of the category browsed before the search
+                    page = item(c if c is not None else draw(cats), draw(flat_item))
+                elif name.endswith("/reviews"):
+                    a = next(U)
+                    page = item(c, k) if a < .5 else hub("cart", c, k) if a < .85 else hub("search", c)
+                elif name.startswith("p/"):
+                    if prev[2] is not None and prev[1] == c and companion(prev[2]) == k and next(U) < .4:
+                        page = prev  # back from the companion to the item it came from
+                        continue
+                    a = draw(acts)
+                    if a == 2 and k >= N_REVIEWED:
+                        a = 0
+                    page = [item(c, draw(zipf_item)), item(c, companion(k)), hub(f"{name}/reviews", c, k),
+                            hub("cart", c, k), hub("wishlist", c, k), category(c), hub("search", c), hub("home")][a]
+                elif name in ("cart", "wishlist"):  # checkout, or back to the category of the item put there
+                    go = next(U) < (seg["checkout"] if name == "cart" else .1)
+                    page = hub("checkout") if go else category(c) if c is not None else hub("home")
+                elif name == "checkout":
+                    page = hub("purchase") if next(U) < seg["purchase"] else hub("help")
+                else:  # purchase, account, help
+                    page = hub("home") if next(U) < .7 else hub("account" if name == "help" else "help")
+            t += 3600 + 3 * 86400 * next(U)
+    return rows, seg_of.astype(np.int64)
+
+
+def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000):
+    """Simulate the shop, write data_dir/events.csv.gz (user,time,page), prepare it through the
+    ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
+    segment per user index). Returns meta."""
+    rows, segments = simulate_site(n_users, seed)  # n_users: smaller copies for tests
+    os.makedirs(data_dir, exist_ok=True)
+    for name in ("meta.json", "segments.npy"):  # the folder is "not built" until both exist again
+        if os.path.exists(os.path.join(data_dir, name)):
+            os.remove(os.path.join(data_dir, name))
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][1], i))  # a real log: global time order
+    lines = ["user,time,page"] + [f"u{rows[i][0]:05d},{rows[i][1]},{rows[i][2]}" for i in order]
+    path = os.path.join(data_dir, "events.csv.gz")
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+        gz.write(("\n".join(lines) + "\n").encode())  # mtime=0: the same bytes on every run
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    meta = prepare(path, data_dir, time_col="time", session_gap=1800.0)
+    with open(os.path.join(data_dir, "users.txt"), encoding="utf-8") as f:  # users in order of first visit
+        users = f.read().split()
+    write_atomic(os.path.join(data_dir, "segments.npy"), segments[[int(u[1:]) for u in users]])
+    return meta
+
+
+def ensure_builtin(data_dir="data/builtin"):
+    if not (os.path.isfile(os.path.join(data_dir, "meta.json")) and os.path.isfile(os.path.join(data_dir, "segments.npy"))):
+        print(f"building the built-in dataset into {data_dir} ...")
+        print(summary(make_builtin(data_dir)))
+    return load_data(data_dir)
+
+
+def summary(meta):
+    a = meta["anchor"]
+    rule = f"share > {a['anchor_share']}" if a["rule"] == "share" else f"top pages holding >= {a['anchor_mass']}"
+    return (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test), "
+            f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n"
+            f"pages: {meta['n_pages']:,} in the training vocabulary (of {meta['n_pages_in_input']:,} in the input); "
+            f"unk rate val {meta['val_unk_rate']:.4f} test {meta['test_unk_rate']:.4f}\n"
+            f"anchors ({rule}): {a['n_anchors']} pages holding {a['share']:.1%} of training targets; "
+            f"prepared in {meta['seconds']:.1f} s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare a behavior log for nanoBehavior (see the module docstring).")
+    p.add_argument("input", nargs="?", help="event log, sequence file or pair file (.gz fine)")
+    p.add_argument("--out_dir", help="dataset folder to write, e.g. data/msnbc")
+    p.add_argument("--builtin", action="store_true", help="build the simulated shop into data/builtin (or --out_dir)")
+    p.add_argument("--format", default="auto", choices=["auto", "events", "seq", "pairs"])
+    p.add_argument("--user_col", default="user")
+    p.add_argument("--page_col", default="page")
+    p.add_argument("--time_col", default=None)
+    p.add_argument("--session_col", default=None)
+    p.add_argument("--sep", default=None, help="event-log separator: ',' '\\t' or 'jsonl' (default: by extension)")
+    p.add_argument("--session_gap", type=float, default=1800.0, help="seconds of inactivity that start a session")
+    p.add_argument("--min_count", type=int, default=1)
+    p.add_argument("--anchor_share", type=float, default=0.01)
+    p.add_argument("--anchor_mass", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1337, help="built-in dataset only")
+    args = p.parse_args(argv)
+    if args.builtin == bool(args.input):
+        p.error("give an INPUT file or --builtin (one of them)")
+    try:
+        if args.builtin:
+            meta = make_builtin(args.out_dir or "data/builtin", args.seed)
+        else:
+            if not args.out_dir:
+                p.error("--out_dir is required with an INPUT file")
+            sep = {"\\t": "\t", "tab": "\t"}.get(args.sep, args.sep)
+            meta = prepare(args.input, args.out_dir, args.format, args.user_col, args.page_col, args.time_col,
+                           args.session_col, sep, args.session_gap, args.min_count, args.anchor_share, args.anchor_mass)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""
+Next-page evaluation: leave-last-out, full ranking over all pages, as SASRec and RecBole report it.
+
+Protocol (DESIGN.md, "Evaluation"):
+  1. each user with >= 3 pages has one validation target (the page before the last) and one test
+     target (the last page); the context is everything before the target (truncated for the model);
+  2. every page in the vocabulary is ranked for every example (no sampled negatives); special
+     tokens are never ranked; rank = number of pages scored strictly higher than the target;
+  3. a target unseen in training is <unk>: a miss for every metric, its rate is reported;
+  4. HR@1/5/10, NDCG@5/10, MRR, NLL (softmax over pages only), top-1 accuracy on anchor / tail targets;
+  5. most-popular and first-order Markov (with back-off to popularity) run in the same harness.
+
+  python evaluate.py --ckpt=out/stage1/best.pt                    # validation, model + baselines
+  python evaluate.py --ckpt=out/stage1/best.pt --split=test       # report test once, at the end
+  python evaluate.py --data_dir=data/bms --baselines_only         # floors, no checkpoint needed
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+N_SPECIAL = 4                 # ids 0..3 are <pad> <unk> <bos> <eos> (tokenizer.py); pages start at 4
+PAD = 0
+KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
+COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail"]
+
+# -----------------------------------------------------------------------------
+# ranking math: one batch of scores -> per-row results
+
+def rank_metrics(scores, targets):
+    """scores (B, V) float, higher = more likely, or (1, V) shared by every row; targets (B,) int64.
+    Returns per-row tensors: rank (0 = top, inf for <unk>/special targets), logp (log-softmax over
+    pages of the target, NaN for <unk>), pred (top-1 page id). Ties count in the target's favour."""
+    B = len(targets)
+    scores = scores.float()
+    pages = scores[:, N_SPECIAL:]                                        # (B or 1, P) only pages compete
+    known = targets >= N_SPECIAL                                         # (B,)
+    t = targets.clamp(min=N_SPECIAL).unsqueeze(1)                        # (B, 1) dummy page for <unk>
+    target_score = scores.expand(B, -1).gather(1, t)                     # (B, 1)
+    if len(scores) == 1 and B > 1:                                       # shared row: sort it once
+        ascending = pages[0].sort().values
+        rank = len(ascending) - torch.searchsorted(ascending, target_score.squeeze(1), right=True)
+    else:                                                                # count as uint8: 2x faster than bool
+        rank = (pages > target_score).view(torch.uint8).sum(1, dtype=torch.int64)
+    rank = torch.where(known, rank.to(torch.float64), math.inf)         # (B,)
+    logp = (target_score.squeeze(1) - torch.logsumexp(pages, dim=1)).double()
+    logp = torch.where(known, logp, math.nan)
+    pred = (pages.argmax(dim=1) + N_SPECIAL).expand(B)
+    return {"rank": rank, "logp": logp, "pred": pred}
+
+def summarize(examples, anchor_ids):
+    """Per-example arrays (rank, logp, target, pred, user) -> dict of scalar metrics."""
+    rank, logp, target, pred = examples["rank"], examples["logp"], examples["target"], examples["pred"]
+    n = len(rank)
+    known = target >= N_SPECIAL
+    is_anchor = np.isin(target, np.asarray(anchor_ids, dtype=np.int64))
+    hit = pred == target                                                 # never true for <unk>
+    mean = lambda x: float(np.mean(x)) if len(x) else math.nan
+    m = {f"hr@{k}": mean(rank < k) for k in KS}
+    for k in (5, 10):
+        m[f"ndcg@{k}"] = mean(np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0))
+    m["mrr"] = mean(1.0 / (rank + 1.0))                                  # full MRR; inf rank -> 0
+    m["nll"] = mean(-logp[known])                                        # <unk> targets excluded
+    m["acc_anchor"] = mean(hit[is_anchor])
+    m["acc_tail"] = mean(hit[~is_anchor])                                # tail includes <unk> (misses)
+    m["n"], m["n_anchor"] = n, int(is_anchor.sum())
+    m["unk"] = mean(~known)
+    m["examples"] = examples
+    return m
+
+def per_user_stats(examples):
+    """HeTLM's alignment view: per-user mean, std and 10th percentile of NLL and HR@10 (users whose
+    only targets are <unk> are left out of the NLL figures). nll_p90 is the worst decile's edge."""
+    users, inv = np.unique(examples["user"], return_inverse=True)
+    hr10 = np.bincount(inv, weights=(examples["rank"] < 10).astype(np.float64)) / np.bincount(inv)
+    known = np.isfinite(examples["logp"])
+    n_known = np.bincount(inv[known], minlength=len(users))
+    nll = np.bincount(inv[known], weights=-examples["logp"][known], minlength=len(users))
+    nll = nll[n_known > 0] / n_known[n_known > 0]
+    f = lambda fn, x, *a: float(fn(x, *a)) if len(x) else math.nan
+    return {"users": len(users), "nll_mean": f(np.mean, nll), "nll_std": f(np.std, nll),
+            "nll_p10": f(np.percentile, nll, 10), "nll_p90": f(np.percentile, nll, 90),
+            "hr@10_mean": f(np.mean, hr10), "hr@10_std": f(np.std, hr10), "hr@10_p10": f(np.percentile, hr10, 10)}
+
+# -----------------------------------------------------------------------------
+# the evaluation set and the loop shared by every method
+
+def eval_set(data, split, max_users=None, seed=0):
+    """(users, ctx_start, ctx_end, targets) for split, as data.eval_examples; max_users > 0 keeps a
+    fixed random subset (same seed -> same users, so periodic evaluations are comparable)."""
+    pos = {"val": data.val_pos, "test": data.test_pos}[split]
+    pos = np.asarray(pos)
+    users = np.flatnonzero(pos >= 0).astype(np.int64)
+    if max_users and max_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+    ctx_start = np.asarray(data.offsets)[users].astype(np.int64)
+    ctx_end = pos[users].astype(np.int64)
+    targets = np.asarray(data.tokens[ctx_end], dtype=np.int64)
+    return users, ctx_start, ctx_end, targets
+
+def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
+    """scorers: {name: fn(users, ctx_start, ctx_end) -> (B, V) or shared (1, V) scores} -> {name: metrics}.
+    Examples are visited sorted by context length, so a model's batches carry little padding;
+    per-example results are put back in user order."""
+    users, ctx_start, ctx_end, targets = eval_set(data, split, max_users, seed)
+    order = np.argsort(ctx_end - ctx_start, kind="stable")
+    out = {name: {k: [] for k in ("rank", "logp", "pred")} for name in scorers}
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        tgt = torch.from_numpy(targets[rows])
+        for name, score in scorers.items():
+            scores = score(users[rows], ctx_start[rows], ctx_end[rows])  # (B, V)
+            r = rank_metrics(scores, tgt.to(scores.device))
+            for k in r:
+                out[name][k].append(r[k].cpu().numpy())
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    results = {}
+    for name, r in out.items():
+        ex = {k: (np.concatenate(v) if v else np.zeros(0))[inverse] for k, v in r.items()}
+        ex.update(target=targets, user=users)
+        results[name] = summarize(ex, data.anchor_ids)
+    return results
+
+# -----------------------------------------------------------------------------
+# the model as a scorer
+
+@torch.inference_mode()
+def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_ids=None):
+    """Logits (B, V) of the next page after each context. Contexts keep their last block_size
+    tokens, right-padded with PAD (causal attention: the last real position never sees the pads)."""
+    start = np.maximum(ctx_start, ctx_end - block_size)
+    lengths = ctx_end - start                                            # (B,) >= 1 (<bos> at least)
+    T = int(lengths.max())
+    pos = start[:, None] + np.arange(T)[None, :]                         # (B, T) absolute positions
+    real = pos < ctx_end[:, None]
+    x = np.where(real, np.asarray(data.tokens[np.minimum(pos, ctx_end[:, None] - 1)], dtype=np.int64), PAD)
+    idx = torch.from_numpy(x).to(device)
+    if cluster_ids is not None:
+        cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    h = model.hidden_states(idx, cluster_ids)                            # (B, T, C)
+    last = torch.as_tensor(lengths - 1, device=device)
+    h_last = h[torch.arange(len(lengths), device=device), last]          # (B, C)
+    logits = model.head(h_last, cluster_ids)                             # (B, V)
+    model.train(was_training)
+    return logits.float()
+
+def evaluate_model(model, data, split, block_size, device, batch_size=512, max_users=None, seed=0, clusters=None):
+    """Metrics of one model; clusters (n_users,) = each user's parameter set, or None (K = 1)."""
+    def score(users, ctx_start, ctx_end):
+        cids = None if clusters is None else np.asarray(clusters)[users]
+        return model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
+    return evaluate(data, split, {"model": score}, batch_size, max_users, seed)["model"]
+
+# -----------------------------------------------------------------------------
+# baselines: most-popular and first-order Markov with back-off
+
+def train_transitions(data):
+    """(prev, page) for every page target inside a training region, prev may be <bos>."""
+    n = len(data.tokens)
+    offsets, train_end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
+    delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(train_end, minlength=n + 1)
+    in_train = np.cumsum(delta[:n]) > 0                                  # (n_tokens,) +1 at starts, -1 at ends
+    in_train[offsets[:-1][offsets[:-1] < n]] = False                     # a region's first token has no prev
+    i = np.flatnonzero(in_train)
+    tokens = np.asarray(data.tokens)
+    nxt = tokens[i].astype(np.int64)
+    keep = nxt >= N_SPECIAL                                              # targets are pages only
+    return tokens[i[keep] - 1].astype(np.int64), nxt[keep]
+
+def popularity(data, nxt=None):
+    """Add-one smoothed probability of each page among training targets; 0 for specials. (V,)"""
+    V = data.vocab_size
+    if nxt is None:
+        nxt = train_transitions(data)[1]
+    counts = np.bincount(nxt, minlength=V).astype(np.float64)
+    p = counts + 1.0
+    p[:N_SPECIAL] = 0.0
+    return p / p.sum()
+
+def markov_scorer(data, beta=1.0):
+    """score(x | prev) = (c(prev, x) + beta * p_pop(x)) / (c(prev) + beta), log-space. The bigram
+    table is CSR over prev (sorted pair codes + np.unique), dense only for the prevs of a batch."""
+    V = data.vocab_size
+    prev, nxt = train_transitions(data)
+    p_pop = popularity(data, nxt)
+    codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
+    indptr = np.searchsorted(codes // V, np.arange(V + 1))               # row u = codes[indptr[u]:indptr[u+1]]
+    cols = torch.from_numpy(codes % V)
+    vals = torch.from_numpy(counts.astype(np.float32))
+    row_total = np.bincount(codes // V, weights=counts, minlength=V)     # c(prev), (V,)
+    beta_pop = torch.from_numpy(beta * p_pop).float()                    # (V,)
+    tokens = data.tokens
+
+    def score(users, ctx_start, ctx_end):
+        prevs = np.asarray(tokens[ctx_end - 1], dtype=np.int64)          # (B,)
+        uniq, inv = np.unique(prevs, return_inverse=True)                # (U,)
+        lens = indptr[uniq + 1] - indptr[uniq]
+        row = np.repeat(np.arange(len(uniq)), lens)                      # nnz of those rows only
+        at = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(indptr[uniq], lens)
+        dense = beta_pop.repeat(len(uniq), 1)                            # (U, V)
+        dense[torch.from_numpy(row), cols[at]] += vals[at]
+        dense /= torch.from_numpy(row_total[uniq] + beta).float().unsqueeze(1)
+        return dense.log()[torch.from_numpy(inv.reshape(-1))]            # (B, V)
+    return score
+
+def popularity_scorer(data):
+    logp = torch.from_numpy(popularity(data)).float().log()[None]        # (1, V) -inf on specials
+    return lambda users, ctx_start, ctx_end: logp                        # one row shared by all
+
+def evaluate_baselines(data, split, max_users=None, seed=0, batch_scores=1 << 22):
+    """{"most-popular": metrics, "markov": metrics}. A baseline row costs nothing but its V scores,
+    so a batch holds ~batch_scores of them (MSNBC: 200k rows, 200k pages: 64 rows): per-batch
+    overhead bounds small vocabularies, memory bounds large ones."""
+    batch_size = max(64, batch_scores // data.vocab_size)
+    scorers = {"most-popular": popularity_scorer(data), "markov": markov_scorer(data)}
+    return evaluate(data, split, scorers, batch_size, max_users, seed)
+
+# -----------------------------------------------------------------------------
+
+def format_table(results):
+    """{name: metrics} -> aligned plain-text table, one row per method, then n and <unk> rate."""
+    w = max([len("method")] + [len(name) for name in results])
+    lines = [f"{'method':<{w}}  " + " ".join(f"{c:>10}" for c in COLUMNS)]
+    for name, m in results.items():
+        lines.append(f"{name:<{w}}  " + " ".join(f"{m[c]:>10.4f}" for c in COLUMNS))
+    sizes = sorted({(m["n"], m["unk"]) for m in results.values()})
+    lines.append("  ".join(f"n={n:,} examples, <unk> targets {unk:.2%} (counted as misses)" for n, unk in sizes))
+    return "\n".join(lines)
+
+def pick_device(device):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="full-ranking next-page evaluation")
+    p.add_argument("--ckpt", default="out/stage1/best.pt")      # checkpoint to evaluate
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--data_dir", default="")                    # default: the checkpoint's data_dir
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--max_users", type=int, default=0)          # 0 = every evaluable user
+    p.add_argument("--device", default="auto")
+    p.add_argument("--baselines_only", action="store_true")     # most-popular and Markov, no model
+    args = p.parse_args(argv)
+    if args.baselines_only and not args.data_dir:
+        sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
+    if not args.baselines_only and not os.path.exists(args.ckpt):
+        sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
+    from data import load_data
+    t0 = time.time()
+    results = {}
+    if args.baselines_only:
+        data = load_data(args.data_dir)
+    else:
+        from model import load_checkpoint
+        device = pick_device(args.device)
+        model, ckpt = load_checkpoint(args.ckpt, device)
+        data = load_data(args.data_dir or ckpt["config"]["data_dir"])
+        results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
+                                          args.batch_size, args.max_users or None)
+    results.update(evaluate_baselines(data, args.split, args.max_users or None))
+    print(format_table(results))
+    print(f"split={args.split}, {time.time() - t0:.1f}s")
+
+if __name__ == "__main__":
+    main()

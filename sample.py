@@ -1,0 +1,173 @@
+"""
+Predict what a user does next with a trained checkpoint: the top-k next pages with their
+probabilities, and a few generated continuations of the current session.
+
+    python sample.py                                   # a few users of the dataset the model saw
+    python sample.py --user=u42                        # one user of that dataset, by original id
+    python sample.py --history="home search item_17"   # a history of your own (see below)
+    python sample.py --history_file=history.txt        # one session per line
+    python sample.py --temperature=0 --num_samples=1   # greedy continuation
+
+A history is pages separated by spaces or commas; ';' (or a new line in a file) closes a session
+and starts the next. The last session is taken as still open: the model predicts its next page,
+and continuations stop when it predicts the end of the session (<eos>). Everything needed (model,
+tokenizer, config) is in the checkpoint; the dataset folder is read only to look up --user.
+"""
+
+import os
+import sys
+
+import torch
+
+# -----------------------------------------------------------------------------
+out_dir = 'out/stage1'   # folder of the checkpoint
+ckpt_name = 'best.pt'    # best.pt (best validation) or ckpt.pt (latest)
+user = ''                # a user id of the checkpoint's dataset
+history = ''             # or a history on the command line
+history_file = ''        # or a history in a file
+num_users = 3            # with no user and no history: show this many users of the dataset
+top_k = 10               # next pages to list
+num_samples = 3          # generated continuations per user
+max_new_tokens = 20      # longest continuation
+temperature = 1.0        # 0 = greedy
+sample_top_k = 0         # sample only among the k most likely tokens (0 = all)
+seed = 1337
+device = 'auto'
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+from tokenizer import PAD, UNK, BOS, EOS, N_SPECIAL  # noqa: E402
+
+
+def parse_history(text):
+    """'a b, c; d e' -> [['a', 'b', 'c'], ['d', 'e']] (sessions of pages)."""
+    sessions = []
+    for chunk in text.replace('\n', ';').split(';'):
+        pages = chunk.replace(',', ' ').split()
+        if pages:
+            sessions.append(pages)
+    return sessions
+
+
+def encode_history(sessions, tokenizer):
+    """Sessions of page strings -> token ids, the last session left open (no <eos>)."""
+    ids = []
+    for i, pages in enumerate(sessions):
+        ids += [BOS] + [int(t) for t in tokenizer.encode(pages)]
+        if i < len(sessions) - 1:
+            ids.append(EOS)
+    unknown = sorted({p for s in sessions for p in s if tokenizer.page_id(p) == UNK})
+    return ids, unknown
+
+
+@torch.no_grad()
+def next_page_probs(model, ids, device):
+    """Probability of every token as the next one, given the last block_size ids of a history."""
+    block = model.config.block_size
+    idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)
+    logits, _ = model(idx)
+    return torch.softmax(logits[0, -1].float(), dim=-1)    # (V,)
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, device):
+    """Continue the open session token by token until <eos> or max_new_tokens (pages only)."""
+    ids, out = list(ids), []
+    for _ in range(max_new_tokens):
+        probs = next_page_probs(model, ids, device)
+        logits = torch.log(probs)
+        logits[[PAD, UNK, BOS]] = -float('inf')     # never emit padding, unknown or a session start
+        if temperature == 0:
+            nxt = int(torch.argmax(logits))
+        else:
+            logits = logits / temperature
+            if sample_top_k > 0:
+                v, _ = torch.topk(logits, min(sample_top_k, logits.numel()))
+                logits[logits < v[-1]] = -float('inf')
+            nxt = int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
+        if nxt == EOS:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def show(model, tokenizer, ids, cfg, generator, device, title):
+    pages = [p for p in tokenizer.decode(ids) if not p.startswith('<') or p == '<unk>']
+    tail = ' '.join(pages[-12:])
+    print(f"\n{title}: {len(pages)} pages, last: {'... ' if len(pages) > 12 else ''}{tail}")
+    probs = next_page_probs(model, ids, device)
+    page_probs = probs[N_SPECIAL:]
+    k = min(cfg['top_k'], page_probs.numel())
+    top_p, top_i = torch.topk(page_probs, k)
+    print(f"  next page (P(session ends) = {probs[EOS]:.3f}):")
+    for rank, (p, i) in enumerate(zip(top_p.tolist(), top_i.tolist()), 1):
+        print(f"    {rank:2d}. {tokenizer.pages[i + N_SPECIAL]:<30s} {p:.3f}")
+    for s in range(cfg['num_samples']):
+        cont = generate(model, ids, cfg['max_new_tokens'], cfg['temperature'], cfg['sample_top_k'], generator, device)
+        print(f"  continuation {s + 1}: {' '.join(tokenizer.decode(cont)) or '(session ends)'}")
+
+
+def run(cfg):
+    from configurator import ConfigError
+    from model import load_checkpoint
+    from tokenizer import PageTokenizer
+    from train import resolve_device
+
+    path = os.path.join(cfg['out_dir'], cfg['ckpt_name'])
+    if not os.path.isfile(path):
+        raise ConfigError(f"no checkpoint at {path}; train one first (python train.py --stage=1) or set --out_dir")
+    if cfg['temperature'] < 0:
+        raise ConfigError(f"--temperature={cfg['temperature']}: must be >= 0")
+    dev = resolve_device(cfg['device'])
+    model, ckpt = load_checkpoint(path, dev)
+    tokenizer = PageTokenizer(ckpt['tokenizer']['pages'], ckpt['tokenizer']['counts'])
+    generator = torch.Generator().manual_seed(cfg['seed'])
+    print(f"model: {path} (iteration {ckpt['iter_num']}, {model.get_num_params() / 1e6:.2f}M parameters, "
+          f"{tokenizer.vocab_size - N_SPECIAL:,} pages)")
+
+    text = cfg['history']
+    if cfg['history_file']:
+        if not os.path.isfile(cfg['history_file']):
+            raise ConfigError(f"--history_file={cfg['history_file']}: file not found")
+        with open(cfg['history_file'], encoding='utf-8') as f:
+            text = f.read()
+    if text:
+        sessions = parse_history(text)
+        if not sessions:
+            raise ConfigError("the history holds no pages")
+        ids, unknown = encode_history(sessions, tokenizer)
+        if unknown:
+            print(f"note: {len(unknown)} page(s) not in the vocabulary, read as <unk>: {' '.join(unknown[:10])}")
+        show(model, tokenizer, ids, cfg, generator, dev, "your history")
+        return
+
+    from data import load_data
+    data = load_data(ckpt['config']['data_dir'])
+    if cfg['user']:
+        users = [data.user_index(cfg['user'])]
+    else:  # a few users with the longest histories among the first thousand
+        n = min(1000, data.n_users)
+        lengths = data.offsets[1:n + 1] - data.offsets[:n]
+        users = sorted(range(len(lengths)), key=lambda u: -int(lengths[u]))[:cfg['num_users']]
+    names = data.user_ids()
+    for u in users:
+        ids = [int(t) for t in data.tokens[data.offsets[u]:data.offsets[u + 1]]]
+        if ids and ids[-1] == EOS:  # the last session is taken as still open
+            ids = ids[:-1]
+        show(model, tokenizer, ids, cfg, generator, dev, f"user {names[u]}")
+
+
+def main(argv):
+    from configurator import parse_config, ConfigError
+    from data import DataError
+    try:
+        run(parse_config(DEFAULTS, argv))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

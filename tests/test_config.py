@@ -1,0 +1,48 @@
+"""configurator.py: overrides, types, unknown keys, config files."""
+import pytest
+
+from configurator import parse_config, ConfigError
+
+DEFAULTS = dict(learning_rate=3e-3, max_iters=100, compile=False, device='auto', history='')
+
+
+def test_overrides_are_typed_like_the_defaults():
+    cfg = parse_config(DEFAULTS, ['--learning_rate=1', '--max_iters=1e3', '--compile=True', '--device=cpu'])
+    assert cfg['learning_rate'] == 1.0 and isinstance(cfg['learning_rate'], float)
+    assert cfg['max_iters'] == 1000 and isinstance(cfg['max_iters'], int)
+    assert cfg['compile'] is True and cfg['device'] == 'cpu'
+    assert DEFAULTS['learning_rate'] == 3e-3  # defaults untouched
+
+
+def test_strings_stay_verbatim():
+    assert parse_config(DEFAULTS, ['--history=1,2;3'])['history'] == '1,2;3'
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('--learnig_rate=0.1', "unknown setting 'learnig_rate'"),
+    ('--max_iters=abc', 'should be a int'),
+    ('--max_iters=1.5', 'should be a int'),
+    ('--compile=maybe', 'should be a bool'),
+    ('--max_iters', 'expected --key=value'),
+])
+def test_bad_arguments_give_one_line_errors(arg, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config(DEFAULTS, [arg])
+    assert words in str(e.value) and '\n' not in str(e.value)
+
+
+def test_config_file_applies_in_order_and_rejects_unknown_keys(tmp_path):
+    good = tmp_path / 'good.py'
+    good.write_text('"""a preset"""\n# comment\nmax_iters = 7\nlearning_rate = 2\n')
+    cfg = parse_config(DEFAULTS, [str(good), '--max_iters=9'])
+    assert cfg['max_iters'] == 9 and cfg['learning_rate'] == 2.0
+    bad = tmp_path / 'bad.py'
+    bad.write_text('max_iters = 7\nmax_itres = 8\n')
+    with pytest.raises(ConfigError, match=r'bad\.py:2: unknown setting'):
+        parse_config(DEFAULTS, [str(bad)])
+    code = tmp_path / 'code.py'
+    code.write_text('import os\n')
+    with pytest.raises(ConfigError, match=r'code\.py:1'):
+        parse_config(DEFAULTS, [str(code)])
+    with pytest.raises(ConfigError, match='not found'):
+        parse_config(DEFAULTS, [str(tmp_path / 'missing.py')])

@@ -1,0 +1,234 @@
+"""Tests for data.py: readers, sessions, the leave-last-out split, windows, batches, anchors, built-in data.
+Fast, offline; every input is a small file written into tmp_path."""
+
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import DataError, anchor_split, eval_examples, get_batch, load_data, prepare, train_windows  # noqa: E402
+from tokenizer import BOS, EOS, PAD, UNK  # noqa: E402
+
+
+def write(tmp_path, name, text, gz=False):
+    path = str(tmp_path / name)
+    raw = text.encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def streams(d):
+    """{user id: decoded full token stream}."""
+    return {u: d.tokenizer.decode(d.tokens[d.offsets[i]:d.offsets[i + 1]]) for i, u in enumerate(d.user_ids())}
+
+
+def run(tmp_path, name, text, gz=False, **kw):
+    path = write(tmp_path, name, text, gz)
+    out = str(tmp_path / ("ds_" + name.replace(".", "_")))
+    prepare(path, out, **kw)
+    return load_data(out)
+
+
+S = lambda *pages: ["<bos>", *pages, "<eos>"]
+# three training-only users (< 3 events): every page is in the vocabulary and the streams are exact
+EXPECTED = {"u1": S("a", "b"), "u2": S("b", "c"), "u3": S("a")}
+
+
+@pytest.mark.parametrize("name, text, kw", [
+    ("log.csv", "user,page\nu1,a\nu2,b\nu1,b\nu2,c\nu3,a\n", {}),
+    ("log.tsv", "user\tpage\nu1\ta\nu2\tb\nu1\tb\nu2\tc\nu3\ta\n", {}),
+    ("log.jsonl", '{"user": "u1", "page": "a"}\n{"user": "u2", "page": "b"}\n\n{"user": "u1", "page": "b"}\n'
+                  '{"user": "u2", "page": "c", "extra": 1}\n{"user": "u3", "page": "a"}\n', {}),
+    ("renamed.csv", "ts,visitor,url\n1,u1,a\n2,u2,b\n3,u1,b\n4,u2,c\n5,u3,a\n", dict(user_col="visitor", page_col="url")),
+    ("log.seq", "u1: a b\nu2: b c\nu3: a\n", {}),
+    ("log.txt", "u1 a\nu2 b\nu1 b\nu2 c\nu3 a\n", {}),           # auto: pairs by content
+    ("events", "user,page\r\nu1,a\r\nu2,b\r\nu1,b\r\nu2,c\r\nu3,a\r\n", {}),  # auto: header by content, CRLF
+])
+def test_formats_give_expected_streams(tmp_path, name, text, kw):
+    d = run(tmp_path, name, text, **kw)
+    assert streams(d) == EXPECTED
+    assert d.meta["n_eval_users"] == 0 and (np.asarray(d.val_pos) == -1).all()
+
+
+def test_gzip_detected_by_magic_bytes(tmp_path):
+    d = run(tmp_path, "log.csv", "user,page\nu1,a\nu2,b\nu1,b\nu2,c\nu3,a\n", gz=True)  # no .gz in the name
+    assert streams(d) == EXPECTED
+    d = run(tmp_path, "BMS.dat.gz", "u1 a\nu2 b\nu1 b\nu2 c\nu3 a\n", gz=True)
+    assert streams(d) == EXPECTED and d.meta["format"] == "pairs"
+
+
+def test_seq_line_is_a_session_and_user_is_line_number(tmp_path):
+    d = run(tmp_path, "s.seq", "x y\n\nz\nk: x\nk: y\n")
+    assert streams(d) == {"1": S("x", "y"), "3": S("z"), "k": S("x") + S("y")}
+
+
+def test_msnbc_layout_with_header_and_names(tmp_path):
+    text = ("% Different categories found in input file:\r\n\r\nfrontpage news tech\r\n\r\n\r\n% Sequences:\r\n\r\n"
+            "1 1 \r\n2 \r\n3 2 2 \r\n")
+    d = run(tmp_path, "msnbc.seq", text)
+    assert d.meta["format"] == "seq"
+    assert streams(d) == {"8": S("frontpage", "frontpage"), "9": S("news"), "10": S("tech", "news", "news")}
+    assert d.val_pos[2] == d.offsets[2] + 2 and d.test_pos[2] == d.offsets[2] + 3
+    assert data.detect_format(write(tmp_path, "m.gz", text, gz=True)) == "seq"  # '%' first line
+
+
+def test_time_sorting_and_gap_sessions(tmp_path):
+    text = ("user,time,page\n"
+            "u1,100,a\nu1,50,b\nu2,0,x\nu1,100,c\nu1,2000,d\nu1,2010,e\n"
+            "u2,1970-01-01T00:10:00Z,y\nu2,1970-01-01T01:00:00,z\n"   # 600 s (same session), 3600 s (naive = UTC)
+            "u3,5,d\nu3,6,e\nu4,7,y\nu4,8,z\n")
+    d = run(tmp_path, "t.csv", text, time_col="time")
+    s = streams(d)
+    assert s["u1"] == S("b", "a", "c") + S("d", "e")   # stable sort on the tie at 100; 1900 s gap > 1800
+    assert s["u2"] == S("x", "y") + S("z")             # 3000 s gap
+    d = run(tmp_path, "t2.csv", text, time_col="time", session_gap=5000)
+    assert streams(d)["u1"] == S("b", "a", "c", "d", "e")
+
+
+def test_jsonl_numeric_and_iso_times(tmp_path):
+    text = ('{"user": 1, "time": 5000, "page": "b"}\n{"user": 1, "time": "1970-01-01T00:00:10+00:00", "page": "a"}\n'
+            '{"user": 2, "time": 1.5, "page": "a"}\n')
+    d = run(tmp_path, "t.jsonl", text, time_col="time")
+    assert streams(d) == {"1": S("a") + S("b"), "2": S("a")}
+
+
+def test_session_column(tmp_path):
+    d = run(tmp_path, "s.csv", "user,sid,page\nu1,s1,a\nu1,s1,b\nu1,s2,a\nu2,s9,b\n", session_col="sid")
+    assert streams(d)["u1"] == S("a", "b") + S("a")
+
+
+@pytest.mark.parametrize("name, text, kw, pattern", [
+    ("bad.txt", "u1 a\nu2 b\nu3 c d\n", dict(fmt="pairs"), r"bad\.txt:3: malformed"),
+    ("bad.csv", "user,page\nu1,a\nu2,b,c\n", {}, r"bad\.csv:3: malformed"),
+    ("bad.jsonl", '{"user": "u1", "page": "a"}\n{"user": "u1", \n', {}, r"bad\.jsonl:2: malformed"),
+    ("bad.seq", "u1: a\nu2:\n", {}, r"bad\.seq:2: malformed"),
+    ("empty.csv", "", {}, r"empty\.csv: empty"),
+    ("empty.seq", "\n\n", {}, r"empty\.seq: empty"),
+    ("nocol.csv", "user,url\nu1,a\n", {}, r"nocol\.csv:1: missing column 'page'"),
+    ("nokey.jsonl", '{"user": "u1", "page": "a"}\n{"user": "u1"}\n', {}, r"nokey\.jsonl:2: missing column 'page'"),
+    ("notime.csv", "user,page\nu1,a\n", dict(time_col="time"), r"notime\.csv:1: missing column 'time'"),
+    ("badtime.csv", "user,time,page\nu1,5,a\nu1,yesterday,b\n", dict(time_col="time"), r"badtime\.csv:3: bad timestamp 'yesterday'"),
+])
+def test_bad_input_one_line_error(tmp_path, name, text, kw, pattern):
+    path = write(tmp_path, name, text)
+    with pytest.raises(DataError, match=pattern) as e:
+        prepare(path, str(tmp_path / "out"), **kw)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_cli_prints_error_without_traceback_and_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "bad.txt", "u1 a\nu2\n")
+    with pytest.raises(SystemExit) as e:
+        data.main([path, f"--out_dir={tmp_path / 'out'}", "--format=pairs"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.txt:2" in err and "Traceback" not in err
+
+
+def test_failed_prepare_keeps_previous_dataset_and_missing_dataset_is_clear(tmp_path):
+    out = str(tmp_path / "ds")
+    prepare(write(tmp_path, "good.txt", "u1 a\nu1 b\n"), out)
+    with pytest.raises(DataError):
+        prepare(write(tmp_path, "bad.txt", "u1 a\nu1\n", ), out, fmt="pairs")
+    assert streams(load_data(out)) == {"u1": S("a", "b")}
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_data(str(tmp_path / "nothing"))
+
+
+def test_leave_last_out_split_and_train_only_vocabulary(tmp_path):
+    # u1: 5 events -> train a b c, val a, test b; u2, u3: < 3 events -> training only; u4: val x, test y unseen
+    d = run(tmp_path, "split.txt", "u1 a\nu1 b\nu1 c\nu1 a\nu1 b\nu2 a\nu2 b\nu3 a\nu4 b\nu4 x\nu4 y\n")
+    assert d.tokenizer.pages[4:] == ["a", "b", "c"]                 # x, y never seen in training
+    assert d.tokenizer.counts[4:].tolist() == [3, 3, 1]             # counts from train regions only
+    o = np.asarray(d.offsets)
+    assert d.val_pos.tolist() == [o[0] + 4, -1, -1, o[3] + 2] and d.test_pos.tolist() == [o[0] + 5, -1, -1, o[3] + 3]
+    assert d.train_end.tolist() == [o[0] + 4, o[2], o[3], o[3] + 2]
+    assert streams(d)["u4"] == S("b", "<unk>", "<unk>")
+    assert d.meta["n_eval_users"] == 2 and d.meta["val_unk_rate"] == 0.5 and d.meta["test_unk_rate"] == 0.5
+    users, cs, ce, tg = eval_examples(d, "test")
+    assert users.tolist() == [0, 3] and cs.tolist() == [o[0], o[3]] and ce.tolist() == d.test_pos[[0, 3]].tolist()
+    assert tg.tolist() == [d.tokenizer.page_id("b"), UNK]
+    users, cs, ce, tg = eval_examples(d, "val")
+    assert tg.tolist() == [d.tokenizer.page_id("a"), UNK] and ce[0] == ce[0] and (ce < d.test_pos[users]).all()
+
+
+def test_min_count_maps_rare_training_pages_to_unk(tmp_path):
+    d = run(tmp_path, "mc.txt", "u1 a\nu1 a\nu2 a\nu2 z\n", min_count=2)
+    assert d.tokenizer.pages[4:] == ["a"] and streams(d)["u2"] == S("a", "<unk>")
+
+
+def test_windows_and_batches_stay_inside_one_users_train_region(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [f"u{u} p{rng.integers(0, 12)}" for u in range(40) for _ in range(rng.integers(1, 30))]
+    d = run(tmp_path, "w.txt", "\n".join(lines) + "\n")
+    block = 8
+    w = train_windows(d, block)
+    assert w.dtype == np.int64 and w.shape[1] == 2
+    lens = w[:, 1] - w[:, 0]
+    assert lens.min() >= 2 and lens.max() == block + 1
+    owner = np.searchsorted(d.offsets, w[:, 0], side="right") - 1
+    assert (w[:, 0] >= np.asarray(d.offsets)[owner]).all() and (w[:, 1] <= d.train_end[owner]).all()
+    covered = np.concatenate([np.arange(s + 1, e) for s, e in w])  # every train target exactly once
+    want = np.concatenate([np.arange(d.offsets[u] + 1, d.train_end[u]) for u in range(d.n_users)])
+    assert np.array_equal(np.sort(covered), want)
+    rows = rng.permutation(len(w))[:16]
+    x, y = get_batch(d, w, rows)
+    assert x.dtype == torch.int64 and y.dtype == torch.int64 and x.shape == y.shape
+    assert x.shape[1] == lens[rows].max() - 1
+    tokens = np.asarray(d.tokens).astype(np.int64)
+    for i, r in enumerate(rows):
+        s, e = w[r]
+        n = e - s - 1
+        assert x[i, :n].tolist() == tokens[s:e - 1].tolist()
+        tgt = tokens[s + 1:e].copy()
+        tgt[(tgt == BOS) | (tgt == PAD)] = -1
+        assert y[i, :n].tolist() == tgt.tolist()
+        assert (x[i, n:] == PAD).all() and (y[i, n:] == -1).all()
+    assert (y == EOS).any() and not (y == BOS).any()
+
+
+def test_anchor_split_rules():
+    counts = np.array([0, 500, 0, 0, 50, 30, 10, 6, 4])  # <unk>'s count is never an anchor's
+    ids, rule, share = anchor_split(counts, anchor_share=0.05)
+    assert ids.tolist() == [4, 5, 6, 7] and rule == "share" and share == pytest.approx(0.96)
+    ids, rule, share = anchor_split(counts, anchor_share=0.1)
+    assert ids.tolist() == [4, 5] and share == pytest.approx(0.8)  # 10% is not > 10%
+    ids, rule, share = anchor_split(counts, anchor_mass=0.5)
+    assert ids.tolist() == [4] and rule == "mass" and share == pytest.approx(0.5)
+    ids, _, share = anchor_split(counts, anchor_mass=0.85)
+    assert ids.tolist() == [4, 5, 6] and share == pytest.approx(0.9)
+    ids, _, _ = anchor_split(np.array([0, 0, 0, 0, 5, 5, 5, 5]), anchor_mass=0.5)
+    assert ids.tolist() == [4, 5]  # ties: lower id (= earlier by name) first
+
+
+def test_builtin_generator_is_deterministic():
+    a, sa = data.simulate_site(n_users=200, seed=7)
+    b, sb = data.simulate_site(n_users=200, seed=7)
+    c, _ = data.simulate_site(n_users=200, seed=8)
+    assert a == b and np.array_equal(sa, sb) and a != c
+
+
+def test_builtin_dataset(tmp_path):
+    meta = data.make_builtin(str(tmp_path / "builtin"))
+    d = data.ensure_builtin(str(tmp_path / "builtin"))  # already there: just loads
+    assert 4000 <= meta["n_users"] <= 6000 and 20 <= meta["n_events"] / meta["n_users"] <= 40
+    assert meta["settings"]["time_col"] == "time" and meta["n_sessions"] > meta["n_users"]
+    assert 300 <= meta["n_pages"] <= 500 and 0 < meta["anchor"]["n_anchors"] < 0.1 * meta["n_pages"]
+    assert len(d.segments) == d.n_users and len(np.unique(d.segments)) >= 4
+    assert set(d.tokenizer.pages[4:]) <= set(data.builtin_pages())
+    purchase = d.tokenizer.page_id("purchase")
+    assert purchase != UNK
+    bought = np.array([(d.tokens[d.offsets[u]:d.offsets[u + 1]] == purchase).sum() for u in range(d.n_users)])
+    rates = [bought[d.segments == s].mean() for s in np.unique(d.segments)]
+    assert max(rates) > 3 * min(rates)  # segment-dependent outcome
+    with gzip.open(tmp_path / "builtin" / "events.csv.gz", "rt") as f:
+        assert f.readline().strip() == "user,time,page"

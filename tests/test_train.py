@@ -1,0 +1,97 @@
+"""train.py end to end: a short run beats most-popular, checkpoints load with weights_only,
+resume continues the same run, the batch schedule, and a 2-process torchrun (gloo) smoke run."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data import make_builtin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('data') / 'shop')
+    make_builtin(path, n_users=600)
+    return path
+
+
+def config(data_dir, out_dir, **kw):
+    cfg = dict(train.DEFAULTS, data_dir=data_dir, out_dir=str(out_dir), max_iters=20, eval_interval=10,
+               log_interval=10, batch_tokens=512, block_size=32, n_layer=1, n_embd=32, warmup_iters=5, eval_users=200)
+    cfg.update(kw)
+    return cfg
+
+
+def test_short_run_beats_most_popular(small_data, tmp_path):
+    results = train.train(config(small_data, tmp_path, max_iters=150, eval_interval=50))
+    test = results['test']
+    assert test['gpt (best.pt)']['ndcg@10'] > test['most-popular']['ndcg@10'] + 0.1
+    assert os.path.isfile(tmp_path / 'stage1' / 'results.json')
+
+
+def test_checkpoint_loads_weights_only_and_resume_continues_the_run(small_data, tmp_path):
+    straight, parts = tmp_path / 'straight', tmp_path / 'parts'
+    run = dict(lr_decay_iters=30)  # the same schedule, whether the run stops at 20 or not
+    train.train(config(small_data, straight, max_iters=30, **run))
+    train.train(config(small_data, parts, max_iters=20, **run))
+    ckpt = torch.load(parts / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 20
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    assert {'optimizer', 'tokenizer', 'anchor_ids', 'config', 'rng_state'} <= set(ckpt)
+    train.train(config(small_data, parts, max_iters=30, init_from='resume', **run))
+    a = torch.load(straight / 'stage1' / 'ckpt.pt', weights_only=True)
+    b = torch.load(parts / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert b['iter_num'] == 30
+    for k in a['model']:  # same data order, same dropout stream, same optimizer state
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_schedule_is_a_function_of_the_step():
+    lengths = np.random.default_rng(0).integers(2, 30, size=1000)
+    s1 = train.BatchSchedule(lengths, 256, 0, 1, seed=7)
+    s2 = train.BatchSchedule(lengths, 256, 0, 1, seed=7)
+    n1 = len(train.epoch_batches(lengths, 256, 0, seed=7))
+    first = [s1(i) for i in range(n1)]
+    assert np.array_equal(s2(n1 + 3), s1(n1 + 3))  # jump into epoch 2 directly
+    assert np.array_equal(s2(5), first[5])
+    seen = np.concatenate(first)
+    assert len(np.unique(seen)) == len(seen) == len(lengths)  # an epoch visits each window once
+    assert all(len(b) * (lengths[b].max() - 1) <= 256 for b in first)  # the token budget holds
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in first])
+    assert spread < 5  # rows of a batch have similar lengths (bucketing); random rows would spread ~25
+    assert len(first[0]) != len(first[-1]) or len(set(map(len, first))) > 1  # short rows -> more rows
+    ranks = [train.BatchSchedule(lengths, 256, r, 2, seed=7) for r in range(2)]
+    assert np.array_equal(ranks[0](3), first[6]) and np.array_equal(ranks[1](3), first[7])
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0)
+    lrs = [train.get_lr(i, cfg) for i in range(120)]
+    assert lrs[0] < lrs[9] < 1.0 and max(lrs) <= 1.0
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert lrs[100] == lrs[119] == 0.1
+
+
+def test_bad_setting_is_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, 'train.py', '--max_itres=5'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and 'max_itres' in out.stderr and 'Traceback' not in out.stderr
+    out = subprocess.run([sys.executable, 'train.py', f'--data_dir={tmp_path}/nothing'], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and 'nothing' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_torchrun_two_processes(small_data, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=10', '--eval_interval=5',
+           '--batch_tokens=256', '--block_size=32', '--n_layer=1', '--n_embd=32', '--eval_users=100', '--device=cpu']
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 10 and len(ckpt['rng_state']) == 2
