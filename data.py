@@ -24,7 +24,9 @@ Input formats (gzip is detected by its magic bytes, whatever the file name):
   else by content: first line '%' -> seq, '{' -> events, a header holding user_col and page_col
   -> events, every one of the first 1000 lines with exactly two fields -> pairs, else seq.
 
-A prepared folder (see SPEC): tokens.bin (uint32), offsets.npy, val_pos.npy, test_pos.npy,
+A prepared folder: tokens.bin (uint32 stream of every user), offsets.npy (user u's stream is
+tokens[offsets[u]:offsets[u+1]]), val_pos.npy / test_pos.npy (absolute index of each user's
+validation / test target, -1 for users with < 3 pages),
 users.txt, tokenizer.json, meta.json (written last; no meta.json = not prepared).
 """
 

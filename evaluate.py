@@ -23,8 +23,8 @@ import time
 import numpy as np
 import torch
 
-N_SPECIAL = 4                 # ids 0..3 are <pad> <unk> <bos> <eos> (tokenizer.py); pages start at 4
-PAD = 0
+from tokenizer import N_SPECIAL, PAD  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
+
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
 COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail"]
 

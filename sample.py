@@ -146,7 +146,10 @@ def run(cfg):
     from data import load_data
     data = load_data(ckpt['config']['data_dir'])
     if cfg['user']:
-        users = [data.user_index(cfg['user'])]
+        try:
+            users = [data.user_index(cfg['user'])]
+        except KeyError:
+            raise ConfigError(f"--user={cfg['user']}: no such user in {data.data_dir}") from None
     else:  # a few users with the longest histories among the first thousand
         n = min(1000, data.n_users)
         lengths = data.offsets[1:n + 1] - data.offsets[:n]

@@ -17,7 +17,7 @@ B_, E_ = 2, 3  # <bos>, <eos>
 
 def fake_data(users, vocab_size, anchor_ids=(4,)):
     """users: list of users, each a list of sessions (lists of page ids >= 4). Builds the arrays of
-    a prepared dataset as SPEC.md lays them out: <bos> p.. <eos> per session, leave-last-out."""
+    a prepared dataset as data.py lays them out: <bos> p.. <eos> per session, leave-last-out."""
     tokens, offsets, val_pos, test_pos, train_end = [], [0], [], [], []
     for sessions in users:
         start, page_pos = len(tokens), []
