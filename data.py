@@ -442,10 +442,12 @@ def train_windows(data, block_size):
     return np.stack([s, e], axis=1)
 
 
-def get_batch(data, windows, rows):
+def get_batch(data, windows, rows, last_only=False):
     """Gather windows[rows] -> x, y torch.int64 (B, T), T = longest window - 1, right-padded.
 
-    x pads are <pad>; y is -1 at pads and where the target is <bos> or <pad> (trivially predictable)."""
+    x pads are <pad>; y is -1 at pads and where the target is <bos> or <pad> (trivially predictable).
+    last_only: only each row's last position keeps its target (stage 2: one chosen sample per row,
+    the rest of the window is its context)."""
     w = windows[np.asarray(rows)]
     n_in = w[:, 1] - w[:, 0] - 1                                  # (B,) input length of each row
     T = int(n_in.max())
@@ -455,6 +457,8 @@ def get_batch(data, windows, rows):
     x = np.where(valid, tok[:, :-1], PAD)
     y = np.where(valid, tok[:, 1:], -1)
     y[(y == BOS) | (y == PAD)] = -1
+    if last_only:
+        y[np.arange(T)[None, :] != (n_in - 1)[:, None]] = -1
     return torch.from_numpy(x), torch.from_numpy(y)
 
 

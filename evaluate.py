@@ -26,7 +26,7 @@ import torch
 from tokenizer import N_SPECIAL, PAD  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
-COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail"]
+COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail", "macro_f1", "w_prec"]
 
 # -----------------------------------------------------------------------------
 # ranking math: one batch of scores -> per-row results
@@ -52,8 +52,28 @@ def rank_metrics(scores, targets):
     pred = (pages.argmax(dim=1) + N_SPECIAL).expand(B)
     return {"rank": rank, "logp": logp, "pred": pred}
 
-def summarize(examples, anchor_ids):
-    """Per-example arrays (rank, logp, target, pred, user) -> dict of scalar metrics."""
+def classification_metrics(pred, target, n_classes):
+    """BehaviorLM's view of top-1 predictions as a classifier over pages: macro recall and macro-F1
+    (averaged over the pages that occur as targets) and precision weighted by target support."""
+    known = target >= N_SPECIAL
+    support = np.bincount(target[known], minlength=n_classes).astype(np.float64)       # (V,)
+    predicted = np.bincount(pred, minlength=n_classes).astype(np.float64)
+    tp = np.bincount(target[known & (pred == target)], minlength=n_classes).astype(np.float64)
+    present = support > 0
+    recall = tp[present] / support[present]
+    precision = np.divide(tp, predicted, out=np.zeros(n_classes), where=predicted > 0)[present]
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(recall)),
+                   where=(precision + recall) > 0)
+    if not present.any():
+        return {"macro_recall": math.nan, "macro_f1": math.nan, "w_prec": math.nan}
+    return {"macro_recall": float(recall.mean()), "macro_f1": float(f1.mean()),
+            "w_prec": float((precision * support[present]).sum() / support[present].sum())}
+
+
+def summarize(examples, anchor_ids, train_counts=None):
+    """Per-example arrays (rank, logp, target, pred, user) -> dict of scalar metrics.
+    train_counts (V,): training count of each page, for the few-shot view (tail pages seen at most
+    5 / 20 times in training)."""
     rank, logp, target, pred = examples["rank"], examples["logp"], examples["target"], examples["pred"]
     n = len(rank)
     known = target >= N_SPECIAL
@@ -67,6 +87,16 @@ def summarize(examples, anchor_ids):
     m["nll"] = mean(-logp[known])                                        # <unk> targets excluded
     m["acc_anchor"] = mean(hit[is_anchor])
     m["acc_tail"] = mean(hit[~is_anchor])                                # tail includes <unk> (misses)
+    a, t = m["acc_anchor"], m["acc_tail"]
+    m["hmean"] = 2 * a * t / (a + t) if a + t > 0 else 0.0              # harmonic mean anchor/tail
+    n_classes = int(max(target.max(initial=0), pred.max(initial=0))) + 1
+    if train_counts is not None:
+        n_classes = max(n_classes, len(train_counts))
+        seen = np.asarray(train_counts)[np.where(known, target, 0)]
+        for k in (5, 20):
+            m[f"acc_fewshot{k}"] = mean(hit[known & ~is_anchor & (seen <= k)])
+            m[f"n_fewshot{k}"] = int((known & ~is_anchor & (seen <= k)).sum())
+    m.update(classification_metrics(pred.astype(np.int64), target.astype(np.int64), n_classes))
     m["n"], m["n_anchor"] = n, int(is_anchor.sum())
     m["unk"] = mean(~known)
     m["examples"] = examples
@@ -123,7 +153,8 @@ def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
     for name, r in out.items():
         ex = {k: (np.concatenate(v) if v else np.zeros(0))[inverse] for k, v in r.items()}
         ex.update(target=targets, user=users)
-        results[name] = summarize(ex, data.anchor_ids)
+        tok = getattr(data, "tokenizer", None)
+        results[name] = summarize(ex, data.anchor_ids, None if tok is None else tok.counts)
     return results
 
 # -----------------------------------------------------------------------------
@@ -151,11 +182,23 @@ def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_id
     model.train(was_training)
     return logits.float()
 
-def evaluate_model(model, data, split, block_size, device, batch_size=512, max_users=None, seed=0, clusters=None):
-    """Metrics of one model; clusters (n_users,) = each user's parameter set, or None (K = 1)."""
+def log_prior(data):
+    """log of each page's training frequency (add-one smoothed); 0 for specials, which are never ranked."""
+    p = popularity(data)
+    p[:N_SPECIAL] = 1.0
+    return torch.from_numpy(np.log(p)).float()
+
+
+def evaluate_model(model, data, split, block_size, device, batch_size=512, max_users=None, seed=0, clusters=None,
+                   logit_adjust=0.0):
+    """Metrics of one model; clusters (n_users,) = each user's parameter set, or None (K = 1).
+    logit_adjust = tau > 0: post-hoc logit adjustment (Menon et al., 2021), rank by
+    logits - tau * log prior(page), which favours rare pages."""
+    adjust = logit_adjust * log_prior(data).to(device) if logit_adjust else None
     def score(users, ctx_start, ctx_end):
         cids = None if clusters is None else np.asarray(clusters)[users]
-        return model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
+        logits = model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
+        return logits if adjust is None else logits - adjust
     return evaluate(data, split, {"model": score}, batch_size, max_users, seed)["model"]
 
 # -----------------------------------------------------------------------------
@@ -224,12 +267,13 @@ def evaluate_baselines(data, split, max_users=None, seed=0, batch_scores=1 << 22
 
 # -----------------------------------------------------------------------------
 
-def format_table(results):
+def format_table(results, columns=COLUMNS):
     """{name: metrics} -> aligned plain-text table, one row per method, then n and <unk> rate."""
     w = max([len("method")] + [len(name) for name in results])
-    lines = [f"{'method':<{w}}  " + " ".join(f"{c:>10}" for c in COLUMNS)]
+    width = [max(7, len(c)) for c in columns]
+    lines = [f"{'method':<{w}}  " + " ".join(f"{c:>{k}}" for c, k in zip(columns, width))]
     for name, m in results.items():
-        lines.append(f"{name:<{w}}  " + " ".join(f"{m[c]:>10.4f}" for c in COLUMNS))
+        lines.append(f"{name:<{w}}  " + " ".join(f"{m.get(c, math.nan):>{k}.4f}" for c, k in zip(columns, width)))
     sizes = sorted({(m["n"], m["unk"]) for m in results.values()})
     lines.append("  ".join(f"n={n:,} examples, <unk> targets {unk:.2%} (counted as misses)" for n, unk in sizes))
     return "\n".join(lines)

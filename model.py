@@ -156,7 +156,11 @@ class GPT(nn.Module):
         """(..., C) hidden states -> (..., V) logits."""
         return self.lm_head(h)
 
-    def forward(self, idx, targets=None, cluster_ids=None):
+    def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None):
+        """class_weight (V,): loss weight of each target class (BehaviorLM's anchor/tail weighting,
+        class-balanced loss); the loss is the weighted mean, as F.cross_entropy(weight=...).
+        logit_bias (V,): added to the logits inside the loss only (training on a re-sampled subset
+        while keeping the data's prior, as the balanced softmax of Ren et al., 2020)."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
             return self.head(h, cluster_ids), None          # (B, T, V)
@@ -164,7 +168,8 @@ class GPT(nn.Module):
         rows = keep.nonzero(as_tuple=True)[0]
         cid = None if cluster_ids is None else cluster_ids[rows]
         logits = self.head(h[keep], cid)                    # (N, V): no logits at pads
-        loss = F.cross_entropy(logits.float(), targets[keep])
+        z = logits.float() if logit_bias is None else logits.float() + logit_bias
+        loss = F.cross_entropy(z, targets[keep], weight=class_weight)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

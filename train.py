@@ -13,8 +13,17 @@ carry the tokenizer, the anchor set and the config, so sample.py needs nothing e
 At the end the best checkpoint is evaluated once on the test split, next to the most-popular and
 first-order Markov baselines (evaluate.py), and the table is printed and saved as results.json.
 
-Stage 1 is plain next-page training on full histories for now; the anchor weighting of stage 1 and
-the balanced stage 2 arrive with the curriculum issue.
+The curriculum (BehaviorLM, "anchor then tail"):
+- stage 1 trains on every user's full history; the loss weighs anchor targets 1 and tail targets
+  `tail_weight` (every page is still in the context, so its tied embedding is learned there);
+- stage 2 starts from stage 1's best.pt, scores the difficulty of every training target (stage-1
+  cross-entropy, one batched pass), keeps up to `per_behavior` samples per behavior from a
+  difficulty band (rare behaviors keep all), and fine-tunes on those targets with their full
+  preceding context at a lower learning rate, optionally with a KL term to the stage-1 model.
+
+    python train.py --stage=1 && python train.py --stage=2
+Baselines in the same harness: --tail_weight=1 (one-stage plain training), --class_balanced=0.999
+(class-balanced loss); the final report adds post-hoc logit adjustment of the same model.
 """
 
 import os
@@ -27,19 +36,26 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
+
+from configurator import parse_config, ConfigError
+from model import GPT, GPTConfig, load_checkpoint
+from data import DataError, load_data, ensure_builtin, train_windows, get_batch
+from evaluate import evaluate_model, evaluate_baselines, format_table
 
 # -----------------------------------------------------------------------------
 # default config values: the built-in dataset, a model that trains in a few minutes on 2 CPU cores
 # I/O
 out_dir = 'out'                # checkpoints and results go to out_dir/stage{stage}/
 data_dir = 'data/builtin'      # prepared by data.py; data/builtin is generated when missing
-stage = 1                      # curriculum stage (1 = anchor stage; 2 = balanced stage, later)
+stage = 1                      # curriculum stage: 1 = anchor stage, 2 = balanced stage (from stage 1's best.pt)
 init_from = 'scratch'          # 'scratch' or 'resume' (from out_dir/stage{stage}/ckpt.pt)
 eval_interval = 250            # iterations between validation runs (and checkpoints)
 log_interval = 50              # iterations between log lines
 eval_users = 2000              # validation users scored at each eval (0 = all); final eval uses all
-best_metric = 'ndcg@10'        # validation metric that picks best.pt (higher is better; 'nll' lower)
+best_metric = 'auto'           # validation metric that picks best.pt ('nll' lower, others higher);
+                               #   auto: ndcg@10 in stage 1, hmean (anchor/tail accuracy) in stage 2
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when best improves
 # data
 batch_tokens = 4096            # micro-batch size per process, in padded tokens (rows x longest row)
@@ -63,6 +79,18 @@ decay_lr = True
 warmup_iters = 100
 lr_decay_iters = 0             # 0 = max_iters
 min_lr = 3e-4
+# curriculum (BehaviorLM): stage 1 weights tail targets, stage 2 fine-tunes on a balanced subset
+tail_weight = 1.0              # stage 1: loss weight of tail targets (anchors and <eos> weigh 1)
+class_balanced = 0.0           # baseline: class-balanced loss, beta of Cui et al. 2019 (e.g. 0.999); 0 = off
+stage1_ckpt = ''               # stage 2: where stage 1's weights come from ('' = out_dir/stage1/best.pt)
+per_behavior = 200             # stage 2: samples kept per behavior; rarer behaviors keep all they have
+band_low = 0.5                 # stage 2: difficulty band of each behavior, as quantiles of stage-1 loss:
+band_high = 1.0                #   drop the easiest below band_low (and the hardest above band_high)
+kl_weight = 0.0                # stage 2: weight of KL(stage-1 model || model) at the chosen targets
+prior_keep = 0.0               # stage 2: 0 = learn the subset's balanced prior; 1 = keep the data's prior
+                               #   (logits + log(subset rate / data rate) in the loss: balanced softmax)
+stage2_learning_rate = 3e-4    # stage 2: peak learning rate (decays to a tenth), lower than stage 1
+stage2_iters = 500             # stage 2: iterations (max_iters is stage 1's)
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'              # 'float32' or 'bfloat16' (autocast)
@@ -180,16 +208,104 @@ def better(a, b, metric):
     return a < b if metric == 'nll' else a > b
 
 
+def class_weights(cfg, data):
+    """(V,) loss weight per target class for stage 1: anchors and <eos> 1, tail pages tail_weight;
+    times the class-balanced weight (1 - beta) / (1 - beta^n_c) when class_balanced = beta > 0."""
+    from tokenizer import EOS
+    V = data.vocab_size
+    w = np.full(V, cfg['tail_weight'])
+    w[data.anchor_ids] = 1.0
+    w[EOS] = 1.0
+    if cfg['class_balanced'] > 0:
+        beta = cfg['class_balanced']
+        n = np.asarray(data.tokenizer.counts, dtype=np.float64)
+        n[EOS] = max(n[EOS], (np.asarray(data.offsets[1:]) > 0).sum())  # about one <eos> per session
+        w = w * np.where(n > 0, (1 - beta) / (1 - beta ** np.maximum(n, 1)), 0.0)
+        w = w / w[n > 0].mean()
+    if np.allclose(w, 1.0):
+        return None  # plain cross-entropy
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@torch.no_grad()
+def target_difficulty(model, data, windows, device, batch_tokens=4096):
+    """Stage-1 cross-entropy of every page target inside the training windows, in one batched pass.
+    Returns (pos, target, difficulty): absolute token index of each target, its page, its loss."""
+    model.eval()
+    lengths = windows[:, 1] - windows[:, 0]
+    budget = max(64, min(batch_tokens, (1 << 24) // data.vocab_size))  # bound the (N, V) logits
+    batches = epoch_batches(lengths, budget, 0, 0)
+    pos, tgt, ce = [], [], []
+    for rows in tqdm(batches, desc='difficulty', unit='batch', disable=None):
+        x, y = get_batch(data, windows, rows)
+        keep = y >= 4                                       # pages only: behaviors, not <eos>/<unk>
+        y[~keep] = -1
+        logits, _ = model(x.to(device), y.to(device))       # (N, V) at the kept targets
+        ce.append(F.cross_entropy(logits.float(), y[keep].to(device), reduction='none').cpu().numpy())
+        r, t = keep.nonzero(as_tuple=True)
+        pos.append(windows[rows][r.numpy(), 0] + t.numpy() + 1)
+        tgt.append(y[keep].numpy())
+    return np.concatenate(pos), np.concatenate(tgt), np.concatenate(ce)
+
+
+def balanced_subset(target, difficulty, per_behavior, band_low, band_high):
+    """Indices of the balanced stage-2 samples. Per behavior (target page), samples are sorted by
+    difficulty; a behavior with at most per_behavior samples keeps them all (the few-shot regime);
+    otherwise per_behavior samples are taken evenly spread over its [band_low, band_high] quantile
+    band (if the band is smaller than that, the hardest per_behavior below band_high)."""
+    order = np.lexsort((difficulty, target))                # by behavior, then easiest first
+    t = target[order]
+    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+    ends = np.r_[starts[1:], len(t)]
+    keep = []
+    for a, b in zip(starts, ends):
+        n = b - a
+        if n <= per_behavior:
+            keep.append(order[a:b])
+            continue
+        lo, hi = int(band_low * n), max(int(math.ceil(band_high * n)), per_behavior)
+        band = order[a:b][lo:hi] if hi - lo >= per_behavior else order[a:b][hi - per_behavior:hi]
+        keep.append(band[np.linspace(0, len(band) - 1, per_behavior).round().astype(np.int64)])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def stage2_windows(data, cfg, ref_model, device, master):
+    """The balanced subset as windows [start, target + 1): each chosen target with up to block_size
+    tokens of its own user's preceding training history."""
+    windows = train_windows(data, cfg['block_size'])
+    pos, target, diff = target_difficulty(ref_model, data, windows, device)
+    chosen = balanced_subset(target, diff, cfg['per_behavior'], cfg['band_low'], cfg['band_high'])
+    user = np.searchsorted(np.asarray(data.offsets), pos[chosen], side='right') - 1
+    start = np.maximum(np.asarray(data.offsets)[user], pos[chosen] - cfg['block_size'])
+    if master:
+        counts = np.bincount(target, minlength=data.vocab_size)
+        kept = np.bincount(target[chosen], minlength=data.vocab_size)
+        anchor = np.isin(target[chosen], data.anchor_ids).mean() if len(chosen) else 0.0
+        print(f"stage 2 subset: {len(chosen):,} of {len(target):,} training targets, "
+              f"{int((kept > 0).sum()):,} behaviors ({int(((counts > 0) & (counts <= cfg['per_behavior'])).sum()):,} "
+              f"keep all their samples), anchor share {anchor:.1%} (was {np.isin(target, data.anchor_ids).mean():.1%}), "
+              f"difficulty band [{cfg['band_low']}, {cfg['band_high']}], mean stage-1 loss "
+              f"{diff[chosen].mean():.3f} (all: {diff.mean():.3f})")
+    # how much more often each behavior is seen in the subset than in the data, for prior_keep
+    rate = np.bincount(target[chosen], minlength=data.vocab_size) / max(1, len(chosen))
+    base = np.bincount(target, minlength=data.vocab_size) / max(1, len(target))
+    ratio = np.divide(rate, base, out=np.ones(data.vocab_size), where=(rate > 0) & (base > 0))
+    bias = torch.tensor(cfg['prior_keep'] * np.log(ratio), dtype=torch.float32)
+    return np.stack([start, pos[chosen] + 1], axis=1), bias
+
+
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns a dict of results (master process)."""
-    from configurator import ConfigError
-    from model import GPT, GPTConfig
-    from data import load_data, ensure_builtin, train_windows, get_batch
-    from evaluate import evaluate_model, evaluate_baselines, format_table
 
-    if cfg['stage'] != 1:
-        raise ConfigError(f"--stage={cfg['stage']}: only stage 1 exists so far "
-                          "(the balanced stage 2 arrives with the curriculum)")
+    if cfg['stage'] not in (1, 2):
+        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+    cfg = dict(cfg)
+    if cfg['best_metric'] == 'auto':
+        cfg['best_metric'] = 'ndcg@10' if cfg['stage'] == 1 else 'hmean'
+    if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
+        cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
+                   max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
+                   lr_decay_iters=0)
     if cfg['init_from'] not in ('scratch', 'resume'):
         raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch' or 'resume'")
     if cfg['dtype'] not in ('float32', 'bfloat16'):
@@ -223,17 +339,34 @@ def train(cfg):
         if ddp:
             torch.distributed.barrier()
     data = load_data(cfg['data_dir'])
-    windows = train_windows(data, cfg['block_size'])
-    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'])
+    a = data.meta['anchor']
+    if master:
+        rule = f"share > {a['anchor_share']}" if a['rule'] == 'share' else f"top pages holding {a['anchor_mass']:.0%}"
+        print(f"anchors ({rule}): {a['n_anchors']} of {data.vocab_size - 4:,} pages, "
+              f"{a['share']:.1%} of training targets; tail: the other pages")
 
     stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
     ckpt_path, best_path = os.path.join(stage_dir, 'ckpt.pt'), os.path.join(stage_dir, 'best.pt')
     if master:
         os.makedirs(stage_dir, exist_ok=True)
 
-    # model (+ optimizer), from scratch or resumed
+    # model (+ optimizer): from scratch, from stage 1 (stage 2), or resumed
     iter_num, best_val, best_metrics = 0, None, {}
-    ckpt = None
+    ckpt, ref_model = None, None
+    if cfg['stage'] == 2:  # stage 1's best model: the starting point, the difficulty scorer, the KL reference
+        src = cfg['stage1_ckpt'] or os.path.join(cfg['out_dir'], 'stage1', 'best.pt')
+        if not os.path.isfile(src):
+            raise ConfigError(f"--stage=2 starts from stage 1, but there is no {src}; "
+                              "run python train.py --stage=1 first (same --out_dir) or set --stage1_ckpt")
+        ref_model, s1 = load_checkpoint(src, dev)
+        if s1['tokenizer']['pages'] != data.tokenizer.pages:
+            raise ConfigError(f"--stage=2: {src} was trained on another vocabulary than {cfg['data_dir']}")
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+        for k in MODEL_KEYS:
+            cfg[k] = s1['model_args'][k]
+        if master:
+            print(f"stage 2 starts from {src} (iteration {s1['iter_num']})")
     if cfg['init_from'] == 'resume':
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt_path}")
@@ -247,6 +380,20 @@ def train(cfg):
         model_args = dict(block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'],
                           n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'])
     model = GPT(GPTConfig(**model_args)).to(dev)
+    if ckpt is None and ref_model is not None:
+        model.load_state_dict(ref_model.state_dict())
+    logit_bias = None
+    if cfg['stage'] == 1:
+        windows = train_windows(data, cfg['block_size'])
+        weight = class_weights(cfg, data)
+    else:  # each window ends at one chosen target; every process computes the same subset
+        windows, bias = stage2_windows(data, cfg, ref_model, dev, master)
+        weight = None
+        if cfg['prior_keep'] > 0:
+            logit_bias = bias.to(dev)
+    if weight is not None:
+        weight = weight.to(dev)
+    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'])
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     if ckpt is not None:
@@ -313,13 +460,19 @@ def train(cfg):
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(ga):
-            x, y = get_batch(data, windows, schedule(iter_num * ga + micro))
+            x, y = get_batch(data, windows, schedule(iter_num * ga + micro), last_only=cfg['stage'] == 2)
             tokens_seen += int((y != -1).sum())
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if ddp:  # sync gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == ga - 1
             with autocast:
-                _, loss = model(x, y)
+                logits, loss = model(x, y, class_weight=weight, logit_bias=logit_bias)
+                if ref_model is not None and cfg['kl_weight'] > 0:  # stay close to stage 1 (anchors)
+                    with torch.no_grad():
+                        ref_logits, _ = ref_model(x, y)
+                    loss = loss + cfg['kl_weight'] * F.kl_div(F.log_softmax(logits.float(), -1),
+                                                              F.log_softmax(ref_logits.float(), -1),
+                                                              log_target=True, reduction='batchmean')
                 loss = loss / ga
             loss.backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
@@ -361,17 +514,28 @@ def train(cfg):
 
 
 def final_report(best_path, data, cfg, dev, stage_dir):
-    """Evaluate best.pt once on validation and test, with the baselines, and print the table."""
-    from model import load_checkpoint
-    from evaluate import evaluate_model, evaluate_baselines, format_table
+    """Evaluate best.pt once on validation and test, next to the baselines and to post-hoc logit
+    adjustment of the same model (its tau chosen on validation), and print the tables."""
     model, ckpt = load_checkpoint(best_path, dev)
-    results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path}
+    block = ckpt['model_args']['block_size']
+    # logit adjustment baseline: tau picked by validation harmonic mean of anchor and tail accuracy
+    taus = (0.25, 0.5, 1.0, 1.5, 2.0)
+    la = {tau: evaluate_model(model, data, 'val', block, dev, max_users=cfg['eval_users'] or None,
+                              seed=cfg['seed'], logit_adjust=tau)['hmean'] for tau in taus}
+    tau = max(taus, key=lambda t: la[t])
+    results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path, 'logit_adjust_tau': tau}
     for split in ('val', 'test'):
-        rows = {'gpt (best.pt)': evaluate_model(model, data, split, ckpt['model_args']['block_size'], dev)}
+        rows = {'gpt (best.pt)': evaluate_model(model, data, split, block, dev),
+                f'gpt + logit adj. {tau}': evaluate_model(model, data, split, block, dev, logit_adjust=tau)}
         rows.update(evaluate_baselines(data, split))
         print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
-              f"(best.pt from iteration {ckpt['iter_num']}):")
+              f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
         print(format_table(rows))
+        m = rows['gpt (best.pt)']
+        print(f"gpt: harmonic mean of anchor/tail accuracy {m['hmean']:.4f}, macro recall {m['macro_recall']:.4f}; "
+              f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
+              f"{m.get('acc_fewshot5', math.nan):.4f} (n={m.get('n_fewshot5', 0)}) / "
+              f"{m.get('acc_fewshot20', math.nan):.4f} (n={m.get('n_fewshot20', 0)})")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
     with open(os.path.join(stage_dir, 'results.json'), 'w') as f:
         json.dump(plain(results), f, indent=1)
@@ -379,8 +543,6 @@ def final_report(best_path, data, cfg, dev, stage_dir):
 
 
 def main(argv):
-    from configurator import parse_config, ConfigError
-    from data import DataError
     try:
         cfg = parse_config(DEFAULTS, argv)
         train(cfg)
