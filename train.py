@@ -80,16 +80,18 @@ warmup_iters = 100
 lr_decay_iters = 0             # 0 = max_iters
 min_lr = 3e-4
 # curriculum (BehaviorLM): stage 1 weights tail targets, stage 2 fine-tunes on a balanced subset
-tail_weight = 1.0              # stage 1: loss weight of tail targets (anchors and <eos> weigh 1)
+tail_weight = 0.5              # stage 1: loss weight of tail targets (anchors and <eos> weigh 1); 0.5
+                               #   gave the best validation anchor/tail balance after stage 2 (README)
 class_balanced = 0.0           # baseline: class-balanced loss, beta of Cui et al. 2019 (e.g. 0.999); 0 = off
 stage1_ckpt = ''               # stage 2: where stage 1's weights come from ('' = out_dir/stage1/best.pt)
 per_behavior = 200             # stage 2: samples kept per behavior; rarer behaviors keep all they have
-band_low = 0.5                 # stage 2: difficulty band of each behavior, as quantiles of stage-1 loss:
-band_high = 1.0                #   drop the easiest below band_low (and the hardest above band_high)
+band_low = 0.0                 # stage 2: difficulty band of each behavior, as quantiles of stage-1 loss:
+band_high = 1.0                #   samples are spread evenly over it; dropping the easiest (band_low > 0)
+                               #   lowered validation anchor/tail accuracy on the built-in data (README)
 kl_weight = 0.0                # stage 2: weight of KL(stage-1 model || model) at the chosen targets
-prior_keep = 0.0               # stage 2: 0 = learn the subset's balanced prior; 1 = keep the data's prior
+prior_keep = 0.75              # stage 2: 0 = learn the subset's balanced prior; 1 = keep the data's prior
                                #   (logits + log(subset rate / data rate) in the loss: balanced softmax)
-stage2_learning_rate = 3e-4    # stage 2: peak learning rate (decays to a tenth), lower than stage 1
+stage2_learning_rate = 5e-4    # stage 2: peak learning rate (decays to a tenth), lower than stage 1
 stage2_iters = 500             # stage 2: iterations (max_iters is stage 1's)
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
