@@ -282,8 +282,7 @@ def run(cfg):
         x = tfidf_vectors(data, cfg['dim'], cfg['seed'])
         what = f"TF-IDF over {P:,} pages" + (f", truncated SVD to {x.shape[1]} dims" if P > cfg['dim'] else "")
     else:
-        from model import load_checkpoint
-        from train import resolve_device
+        from model import load_checkpoint, resolve_device
         if not os.path.isfile(cfg['ckpt']):
             raise ConfigError(f"--ckpt={cfg['ckpt']}: no checkpoint there; train one (python train.py --stage=1)")
         model, ck = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))

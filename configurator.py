@@ -2,13 +2,13 @@
 Command-line and config-file overrides for the globals block of a script (nanoGPT style, but parsed,
 not exec'd, so typos and wrong types are caught with a one-line message).
 
-    python train.py config/bms.py --batch_size=32 --learning_rate=1e-3
+    python train.py config/bms.py --batch_tokens=8192 --learning_rate=1e-3
 
 A config file holds plain `key = value` lines (Python literals, comments allowed). Every key must
 already exist in the script's defaults, in files too; a value must have the default's type, except
 that an int is accepted for a float (`--learning_rate=1`) and 0/1/true/false for a bool.
 
-Used by train.py, sample.py, evaluate.py:
+Used by train.py, sample.py, cluster.py:
     config = parse_config(defaults, sys.argv[1:])
 """
 

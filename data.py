@@ -336,7 +336,10 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
     # vocabulary and frequencies from the training part only; unseen val/test pages -> <unk>
     raw_counts = np.bincount(page[train], minlength=len(ev["pages"]))
     counter = {ev["pages"][i]: int(raw_counts[i]) for i in np.flatnonzero(raw_counts)}
-    tok = PageTokenizer.from_counts(counter, min_count)
+    try:
+        tok = PageTokenizer.from_counts(counter, min_count)
+    except ValueError as e:  # a page literally named <pad>/<unk>/<bos>/<eos>
+        raise DataError(f"{input_path}: {e}; rename those pages") from None
     lookup = tok.encode(ev["pages"])                             # raw page id -> token id (uint32)
 
     # token layout: each session is <bos> p1 .. pn <eos>, so event i sits at i + 2*session(i) + 1

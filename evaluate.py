@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from data import eval_examples
+from model import resolve_device
 from tokenizer import N_SPECIAL, PAD  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
@@ -46,6 +48,7 @@ def rank_metrics(scores, targets):
         rank = len(ascending) - torch.searchsorted(ascending, target_score.squeeze(1), right=True)
     else:                                                                # count as uint8: 2x faster than bool
         rank = (pages > target_score).view(torch.uint8).sum(1, dtype=torch.int64)
+    known = known & torch.isfinite(target_score.squeeze(1))              # a diverged (NaN) model misses
     rank = torch.where(known, rank.to(torch.float64), math.inf)         # (B,)
     logp = (target_score.squeeze(1) - torch.logsumexp(pages, dim=1)).double()
     logp = torch.where(known, logp, math.nan)
@@ -88,7 +91,7 @@ def summarize(examples, anchor_ids, train_counts=None):
     m["acc_anchor"] = mean(hit[is_anchor])
     m["acc_tail"] = mean(hit[~is_anchor])                                # tail includes <unk> (misses)
     a, t = m["acc_anchor"], m["acc_tail"]
-    m["hmean"] = 2 * a * t / (a + t) if a + t > 0 else 0.0              # harmonic mean anchor/tail
+    m["hmean"] = 2 * a * t / (a + t) if a + t > 0 else (math.nan if math.isnan(a + t) else 0.0)
     n_classes = int(max(target.max(initial=0), pred.max(initial=0))) + 1
     if train_counts is not None:
         n_classes = max(n_classes, len(train_counts))
@@ -122,14 +125,10 @@ def per_user_stats(examples):
 def eval_set(data, split, max_users=None, seed=0):
     """(users, ctx_start, ctx_end, targets) for split, as data.eval_examples; max_users > 0 keeps a
     fixed random subset (same seed -> same users, so periodic evaluations are comparable)."""
-    pos = {"val": data.val_pos, "test": data.test_pos}[split]
-    pos = np.asarray(pos)
-    users = np.flatnonzero(pos >= 0).astype(np.int64)
+    users, ctx_start, ctx_end, targets = eval_examples(data, split)
     if max_users and max_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
-    ctx_start = np.asarray(data.offsets)[users].astype(np.int64)
-    ctx_end = pos[users].astype(np.int64)
-    targets = np.asarray(data.tokens[ctx_end], dtype=np.int64)
+        keep = np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
+        users, ctx_start, ctx_end, targets = users[keep], ctx_start[keep], ctx_end[keep], targets[keep]
     return users, ctx_start, ctx_end, targets
 
 def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
@@ -278,13 +277,6 @@ def format_table(results, columns=COLUMNS):
     lines.append("  ".join(f"n={n:,} examples, <unk> targets {unk:.2%} (counted as misses)" for n, unk in sizes))
     return "\n".join(lines)
 
-def pick_device(device):
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="full-ranking next-page evaluation")
     p.add_argument("--ckpt", default="out/stage1/best.pt")      # checkpoint to evaluate
@@ -299,16 +291,22 @@ def main(argv=None):
         sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
     if not args.baselines_only and not os.path.exists(args.ckpt):
         sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
-    from data import load_data
+    from data import load_data, DataError
     t0 = time.time()
     results = {}
-    if args.baselines_only:
-        data = load_data(args.data_dir)
-    else:
-        from model import load_checkpoint
-        device = pick_device(args.device)
-        model, ckpt = load_checkpoint(args.ckpt, device)
-        data = load_data(args.data_dir or ckpt["config"]["data_dir"])
+    try:
+        if args.baselines_only:
+            data = load_data(args.data_dir)
+        else:
+            from model import load_checkpoint
+            device = resolve_device(args.device)
+            model, ckpt = load_checkpoint(args.ckpt, device)
+            data = load_data(args.data_dir or ckpt["config"]["data_dir"])
+            if ckpt["tokenizer"]["pages"] != list(data.tokenizer.pages):
+                raise DataError(f"{args.ckpt} was trained on another vocabulary than {data.data_dir}")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if not args.baselines_only:
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
                                           args.batch_size, args.max_users or None)
     results.update(evaluate_baselines(data, args.split, args.max_users or None))

@@ -20,7 +20,7 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 
 import math
 import inspect
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -169,7 +169,11 @@ class GPT(nn.Module):
         cid = None if cluster_ids is None else cluster_ids[rows]
         logits = self.head(h[keep], cid)                    # (N, V): no logits at pads
         z = logits.float() if logit_bias is None else logits.float() + logit_bias
-        loss = F.cross_entropy(z, targets[keep], weight=class_weight)
+        t = targets[keep]
+        if t.numel() == 0 or (class_weight is not None and not class_weight[t].any()):
+            loss = z.sum() * 0.0                           # nothing to learn here: 0, not NaN
+        else:
+            loss = F.cross_entropy(z, t, weight=class_weight)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -206,5 +210,12 @@ def load_checkpoint(path, device='cpu'):
     return model, ckpt
 
 
-def model_args_of(model):
-    return asdict(model.config)
+def resolve_device(name):
+    """'auto' -> cuda if available, then mps, then cpu; anything else as given."""
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'

@@ -111,9 +111,8 @@ def show(model, tokenizer, ids, cfg, generator, device, title):
 
 def run(cfg):
     from configurator import ConfigError
-    from model import load_checkpoint
+    from model import load_checkpoint, resolve_device
     from tokenizer import PageTokenizer
-    from train import resolve_device
 
     path = os.path.join(cfg['out_dir'], cfg['ckpt_name'])
     if not os.path.isfile(path):
@@ -145,6 +144,8 @@ def run(cfg):
 
     from data import load_data
     data = load_data(ckpt['config']['data_dir'])
+    if list(data.tokenizer.pages) != tokenizer.pages:
+        raise ConfigError(f"{path} was trained on another vocabulary than {data.data_dir} (prepared again since?)")
     if cfg['user']:
         try:
             users = [data.user_index(cfg['user'])]

@@ -22,8 +22,9 @@ The curriculum (BehaviorLM, "anchor then tail"):
   preceding context at a lower learning rate, optionally with a KL term to the stage-1 model.
 
     python train.py --stage=1 && python train.py --stage=2
-Baselines in the same harness: --tail_weight=1 (one-stage plain training), --class_balanced=0.999
-(class-balanced loss); the final report adds post-hoc logit adjustment of the same model.
+Baselines in the same harness: --tail_weight=1 (one-stage plain training), --tail_weight=1
+--class_balanced=0.999 (class-balanced loss); every final report adds post-hoc logit adjustment of
+the model it trained.
 """
 
 import os
@@ -32,7 +33,6 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -40,9 +40,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import parse_config, ConfigError
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, resolve_device
 from data import DataError, load_data, ensure_builtin, train_windows, get_batch
-from evaluate import evaluate_model, evaluate_baselines, format_table
+from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
 
 # -----------------------------------------------------------------------------
 # default config values: the built-in dataset, a model that trains in a few minutes on 2 CPU cores
@@ -105,16 +105,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias')
 
 
-def resolve_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
     if not cfg['decay_lr']:
@@ -166,7 +156,7 @@ class BatchSchedule:
         self.starts = [0]           # first micro-batch number of each epoch seen so far
         self._epoch, self._batches = None, None
         if len(lengths) == 0:
-            raise ValueError("no training windows: every user's training part is shorter than 2 tokens")
+            raise DataError("no training windows: every user's training part is shorter than 2 tokens")
 
     def _load(self, epoch):
         if epoch != self._epoch:
@@ -178,7 +168,11 @@ class BatchSchedule:
         epoch = 0
         while True:
             if epoch + 1 == len(self.starts):   # learn where the next epoch starts
-                self.starts.append(self.starts[-1] + len(self._load(epoch)) // self.world)
+                n = len(self._load(epoch)) // self.world
+                if n == 0:
+                    raise ConfigError(f"one epoch holds fewer micro-batches than the {self.world} processes; "
+                                      f"lower --batch_tokens (now {self.batch_tokens})")
+                self.starts.append(self.starts[-1] + n)
             if step < self.starts[epoch + 1]:
                 break
             epoch += 1
@@ -207,7 +201,29 @@ def plain(x):
 
 
 def better(a, b, metric):
-    return a < b if metric == 'nll' else a > b
+    """Is validation value a better than b? NaN is never better (a diverged run is never best)."""
+    if math.isnan(a):
+        return False
+    return math.isnan(b) or (a < b if metric == 'nll' else a > b)
+
+
+BEST_METRICS = set(COLUMNS) | {'hmean', 'macro_recall'}
+
+
+def check_config(cfg):
+    """One-line errors for settings that would otherwise fail deep inside a run."""
+    for k in ('max_iters', 'eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_tokens',
+              'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd'):
+        if cfg[k] < 1:
+            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
+    if cfg['stage'] not in (1, 2):
+        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+    if cfg['best_metric'] != 'auto' and cfg['best_metric'] not in BEST_METRICS:
+        raise ConfigError(f"--best_metric={cfg['best_metric']}: expected 'auto' or one of {sorted(BEST_METRICS)}")
+    if not 0 <= cfg['band_low'] < cfg['band_high'] <= 1:
+        raise ConfigError(f"--band_low={cfg['band_low']} --band_high={cfg['band_high']}: need 0 <= low < high <= 1")
+    if cfg['tail_weight'] < 0 or not 0 <= cfg['class_balanced'] < 1:
+        raise ConfigError("--tail_weight must be >= 0 and --class_balanced in [0, 1)")
 
 
 def class_weights(cfg, data):
@@ -221,7 +237,8 @@ def class_weights(cfg, data):
     if cfg['class_balanced'] > 0:
         beta = cfg['class_balanced']
         n = np.asarray(data.tokenizer.counts, dtype=np.float64)
-        n[EOS] = max(n[EOS], (np.asarray(data.offsets[1:]) > 0).sum())  # about one <eos> per session
+        windows = train_windows(data, 1)                   # every training (input, target) pair
+        n[EOS] = int((np.asarray(data.tokens[windows[:, 1] - 1]) == EOS).sum())  # <eos> targets
         w = w * np.where(n > 0, (1 - beta) / (1 - beta ** np.maximum(n, 1)), 0.0)
         w = w / w[n > 0].mean()
     if np.allclose(w, 1.0):
@@ -299,19 +316,12 @@ def stage2_windows(data, cfg, ref_model, device, master):
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns a dict of results (master process)."""
 
-    if cfg['stage'] not in (1, 2):
-        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+    check_config(cfg)
     cfg = dict(cfg)
-    if cfg['best_metric'] == 'auto':
-        cfg['best_metric'] = 'ndcg@10' if cfg['stage'] == 1 else 'hmean'
     if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
         cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
                    max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
                    lr_decay_iters=0)
-    if cfg['init_from'] not in ('scratch', 'resume'):
-        raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch' or 'resume'")
-    if cfg['dtype'] not in ('float32', 'bfloat16'):
-        raise ConfigError(f"--dtype={cfg['dtype']}: expected 'float32' or 'bfloat16'")
 
     # distributed setup (torchrun sets RANK/WORLD_SIZE): nanoGPT's recipe, gloo on CPU
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -342,6 +352,9 @@ def train(cfg):
             torch.distributed.barrier()
     data = load_data(cfg['data_dir'])
     a = data.meta['anchor']
+    if cfg['best_metric'] == 'auto':  # hmean needs both anchor and tail targets to exist
+        both = 0 < a['n_anchors'] < data.vocab_size - 4
+        cfg['best_metric'] = 'hmean' if cfg['stage'] == 2 and both else 'ndcg@10'
     if master:
         rule = f"share > {a['anchor_share']}" if a['rule'] == 'share' else f"top pages holding {a['anchor_mass']:.0%}"
         print(f"anchors ({rule}): {a['n_anchors']} of {data.vocab_size - 4:,} pages, "
@@ -448,8 +461,23 @@ def train(cfg):
             best_val, best_metrics = value, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if master:
             tqdm.write(f"iter {iter_num}: val nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
-                       f"ndcg@10 {metrics['ndcg@10']:.4f}{'  (best)' if improved else ''}")
+                       f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
+                       f"tail {metrics['acc_tail']:.4f}{'  (best ' + cfg['best_metric'] + ')' if improved else ''}")
         return improved
+
+    def eval_and_checkpoint():
+        improved = run_eval() if master else False
+        if ddp:  # everyone learns whether best improved (only the master evaluated)
+            flag = [improved]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            improved = flag[0]
+        if improved:
+            checkpoint(best_path)
+        if improved or cfg['always_save_checkpoint'] or iter_num == cfg['max_iters']:
+            checkpoint(ckpt_path)
+
+    if cfg['stage'] == 2 and iter_num == 0:  # stage 1's model is the score to beat
+        eval_and_checkpoint()
 
     # training loop
     ga = cfg['gradient_accumulation_steps']
@@ -478,6 +506,9 @@ def train(cfg):
                 loss = loss / ga
             loss.backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
+        if iter_num % cfg['log_interval'] == cfg['log_interval'] - 1 and not torch.isfinite(loss_acc):
+            raise ConfigError(f"the loss diverged (non-finite) at iteration {iter_num}; "
+                              f"lower --learning_rate (now {cfg['learning_rate']}) or set --grad_clip")
         if cfg['grad_clip'] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         optimizer.step()
@@ -493,15 +524,7 @@ def train(cfg):
         elif iter_num % cfg['log_interval'] == 0:
             loss_acc = None
         if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']:
-            improved = run_eval() if master else False
-            if ddp:  # everyone learns whether best improved (only the master evaluated)
-                flag = [improved]
-                torch.distributed.broadcast_object_list(flag, src=0)
-                improved = flag[0]
-            if improved:
-                checkpoint(best_path)
-            if cfg['always_save_checkpoint'] or iter_num == cfg['max_iters']:
-                checkpoint(ckpt_path)
+            eval_and_checkpoint()
             t0, tokens_seen = time.time(), 0
     bar.close()
 
@@ -534,13 +557,18 @@ def final_report(best_path, data, cfg, dev, stage_dir):
               f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
         print(format_table(rows))
         m = rows['gpt (best.pt)']
+        u = per_user_stats(m['examples'])
+        print(f"gpt per user: NLL mean {u['nll_mean']:.4f} std {u['nll_std']:.4f} p90 {u['nll_p90']:.4f}; "
+              f"HR@10 mean {u['hr@10_mean']:.4f} std {u['hr@10_std']:.4f} p10 {u['hr@10_p10']:.4f}")
         print(f"gpt: harmonic mean of anchor/tail accuracy {m['hmean']:.4f}, macro recall {m['macro_recall']:.4f}; "
               f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
               f"{m.get('acc_fewshot5', math.nan):.4f} (n={m.get('n_fewshot5', 0)}) / "
               f"{m.get('acc_fewshot20', math.nan):.4f} (n={m.get('n_fewshot20', 0)})")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
-    with open(os.path.join(stage_dir, 'results.json'), 'w') as f:
+    path = os.path.join(stage_dir, 'results.json')
+    with open(path + '.tmp', 'w') as f:
         json.dump(plain(results), f, indent=1)
+    os.replace(path + '.tmp', path)
     return results
 
 

@@ -58,3 +58,16 @@ def test_flops_per_token_follows_nanogpt_formula():
     model = tiny()
     n = model.get_num_params()
     assert model.estimate_flops_per_token(T=10) == 6 * n + 12 * 2 * 32 * 10
+
+
+def test_loss_is_zero_not_nan_without_weighted_targets():
+    model = tiny()
+    idx = torch.randint(4, 37, (2, 5))
+    _, loss = model(idx, torch.full((2, 5), -1))
+    assert loss.item() == 0.0
+    w = torch.ones(37)
+    w[10:] = 0.0                                   # tail_weight = 0 and a batch of tail targets only
+    _, loss = model(idx, torch.full((2, 5), 20), class_weight=w)
+    assert loss.item() == 0.0
+    _, loss = model(idx, torch.full((2, 5), 5), class_weight=w)
+    assert loss.item() > 0
