@@ -37,68 +37,110 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False        # bias in Linears and LayerNorms (False: a bit better and faster, as nanoGPT)
     n_clusters: int = 1       # parameter sets (HeTLM); 1 = one plain GPT
+    cluster_scope: str = 'all'  # 'all': each cluster owns every weight (K independent models);
+                                # 'blocks': shared embeddings and head, per-cluster transformer blocks
+
+
+class SetLinear(nn.Module):
+    """A Linear layer with n_sets stacked weight sets: forward(x, k) uses set k (HeTLM's
+    cluster-specific parameters). With n_sets = 1 the weight is the plain (out, in) matrix, so a
+    K = 1 model is exactly nanoGPT's GPT, state-dict keys included."""
+
+    def __init__(self, fin, fout, bias, n_sets=1):
+        super().__init__()
+        lead = (n_sets,) if n_sets > 1 else ()
+        self.weight = nn.Parameter(torch.empty(*lead, fout, fin))
+        self.bias = nn.Parameter(torch.zeros(*lead, fout)) if bias else None
+        # nn.Linear's own default init (GPT._init_weights overwrites it): it keeps the random
+        # stream, and so a seeded K = 1 model, identical to one built from nn.Linear
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fin), 1 / math.sqrt(fin))
+
+    def forward(self, x, k=0):
+        w = self.weight if self.weight.dim() == 2 else self.weight[k]
+        b = self.bias if self.bias is None or self.bias.dim() == 1 else self.bias[k]
+        return F.linear(x, w, b)
+
+
+class SetEmbedding(nn.Module):
+    """nn.Embedding with n_sets stacked tables (n_sets = 1: the plain (num, dim) table)."""
+
+    def __init__(self, num, dim, n_sets=1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*((n_sets,) if n_sets > 1 else ()), num, dim))
+        nn.init.normal_(self.weight)  # as nn.Embedding (overwritten by GPT._init_weights)
+
+    def forward(self, idx, k=0):
+        return F.embedding(idx, self.weight if self.weight.dim() == 2 else self.weight[k])
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 everywhere)."""
+    """LayerNorm with an optional bias and n_sets stacked parameter sets."""
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, bias, n_sets=1):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        lead = (n_sets,) if n_sets > 1 else ()
+        self.weight = nn.Parameter(torch.ones(*lead, ndim))
+        self.bias = nn.Parameter(torch.zeros(*lead, ndim)) if bias else None
 
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+    def forward(self, x, k=0):
+        w = self.weight if self.weight.dim() == 1 else self.weight[k]
+        b = self.bias if self.bias is None or self.bias.dim() == 1 else self.bias[k]
+        return F.layer_norm(x, w.shape, w, b, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, n_sets=1):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = SetLinear(config.n_embd, 3 * config.n_embd, config.bias, n_sets)
+        self.c_proj = SetLinear(config.n_embd, config.n_embd, config.bias, n_sets)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, k=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, kk, v = self.c_attn(x, k).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        kk = kk.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+        y = F.scaled_dot_product_attention(q, kk, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)                # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y, k))
 
 
 class MLP(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, n_sets=1):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = SetLinear(config.n_embd, 4 * config.n_embd, config.bias, n_sets)
+        self.c_proj = SetLinear(4 * config.n_embd, config.n_embd, config.bias, n_sets)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+    def forward(self, x, k=0):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x, k)), k))
 
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, n_sets=1):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, n_sets)
+        self.attn = CausalSelfAttention(config, n_sets)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, n_sets)
+        self.mlp = MLP(config, n_sets)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
+    def forward(self, x, k=0):
+        x = x + self.attn(self.ln_1(x, k), k)
+        x = x + self.mlp(self.ln_2(x, k), k)
         return x
+
+
+SCOPES = ('all', 'blocks')  # what each cluster owns: everything (K independent models) or the blocks
 
 
 class GPT(nn.Module):
@@ -106,17 +148,20 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
-        if config.n_clusters != 1:
-            raise NotImplementedError("cluster-specific parameter sets (n_clusters > 1) are not implemented yet")
+        if config.n_clusters < 1 or config.cluster_scope not in SCOPES:
+            raise ValueError(f"n_clusters={config.n_clusters}, cluster_scope={config.cluster_scope!r}: "
+                             f"need n_clusters >= 1 and a scope in {SCOPES}")
         self.config = config
+        K = config.n_clusters
+        k_emb = K if config.cluster_scope == 'all' else 1     # embeddings, final LayerNorm, head
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=SetEmbedding(config.vocab_size, config.n_embd, k_emb),
+            wpe=SetEmbedding(config.block_size, config.n_embd, k_emb),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            h=nn.ModuleList([Block(config, K) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, k_emb),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = SetLinear(config.n_embd, config.vocab_size, False, k_emb)
         # weight tying: a page's input embedding is its output embedding, so a page seen only in
         # contexts still gets a useful output vector (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -127,12 +172,23 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (SetLinear, SetEmbedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
+            if getattr(module, 'bias', None) is not None:
                 torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _groups(self, cluster_ids, n):
+        """[(rows or None for all, set k)]: one group per cluster present among n rows."""
+        if self.config.n_clusters == 1:
+            return [(None, 0)]
+        if cluster_ids is None:
+            raise ValueError(f"this model has {self.config.n_clusters} parameter sets: pass cluster_ids")
+        cid = torch.as_tensor(cluster_ids).reshape(-1).cpu()
+        assert len(cid) == n, f"{len(cid)} cluster ids for {n} rows"
+        present = torch.unique(cid)
+        if len(present) == 1:                              # the common case: a one-cluster batch
+            return [(None, int(present[0]))]
+        return [((cid == k).nonzero().flatten(), int(k)) for k in present]
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embeddings are subtracted by default, as nanoGPT
@@ -143,18 +199,38 @@ class GPT(nn.Module):
         return n_params
 
     def hidden_states(self, idx, cluster_ids=None):
-        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm."""
+        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm; row b uses the
+        parameter set cluster_ids[b] (a batch may mix clusters: rows are grouped by set)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        return self.transformer.ln_f(x)
+        groups = self._groups(cluster_ids, B)
+        if len(groups) > 1:
+            out = None
+            for rows, k in groups:
+                h = self._trunk(idx[rows.to(idx.device)], k)
+                out = h.new_empty(B, T, h.size(-1)) if out is None else out
+                out[rows.to(idx.device)] = h
+            return out
+        return self._trunk(idx, groups[0][1])
+
+    def _trunk(self, idx, k):
+        t = self.transformer
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = t.drop(t.wte(idx, k) + t.wpe(pos, k))          # (B, T, C)
+        for block in t.h:
+            x = block(x, k)
+        return t.ln_f(x, k)
 
     def head(self, h, cluster_ids=None):
-        """(..., C) hidden states -> (..., V) logits."""
-        return self.lm_head(h)
+        """(N, C) or (B, T, C) hidden states -> logits (..., V); cluster_ids has one id per row."""
+        groups = self._groups(cluster_ids, h.size(0))
+        if len(groups) == 1:
+            return self.lm_head(h, groups[0][1])
+        out = h.new_empty(*h.shape[:-1], self.config.vocab_size)
+        for rows, k in groups:
+            rows = rows.to(h.device)
+            out[rows] = self.lm_head(h[rows], k)
+        return out
 
     def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None):
         """class_weight (V,): loss weight of each target class (BehaviorLM's anchor/tail weighting,
@@ -208,6 +284,26 @@ def load_checkpoint(path, device='cpu'):
     model.to(device)
     model.eval()
     return model, ckpt
+
+
+def count_params(config):
+    """Parameters of GPT(config), counted on the meta device (nothing is allocated)."""
+    with torch.device('meta'):
+        return sum(p.numel() for p in GPT(config).parameters())
+
+
+def matched_single_config(config):
+    """HeTLM's fair baseline: one plain GPT (n_clusters = 1) with about as many parameters as the
+    clusterwise model `config`, by widening n_embd (a multiple of n_head). Returns (config, ratio)."""
+    target = count_params(config)
+    base = {**config.__dict__, 'n_clusters': 1}
+    size = lambda width: count_params(GPTConfig(**{**base, 'n_embd': width * config.n_head}))
+    lo, hi = 1, 16 * config.n_embd // config.n_head   # widths in units of n_head; count grows with width
+    while hi - lo > 1:                                # binary search for the last width not above target
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
+    width = min((lo, hi), key=lambda w: abs(size(w) - target))
+    return GPTConfig(**{**base, 'n_embd': width * config.n_head}), size(width) / target
 
 
 def resolve_device(name):

@@ -1,4 +1,5 @@
 """model.py: causality, right padding, loss only at real targets."""
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -71,3 +72,50 @@ def test_loss_is_zero_not_nan_without_weighted_targets():
     assert loss.item() == 0.0
     _, loss = model(idx, torch.full((2, 5), 5), class_weight=w)
     assert loss.item() > 0
+
+
+def test_one_parameter_set_is_the_plain_gpt_and_loads_its_checkpoints():
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32))
+    torch.manual_seed(0)
+    b = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32, n_clusters=1))
+    idx = torch.randint(4, 37, (3, 10))
+    a.eval(), b.eval()
+    assert torch.equal(a(idx)[0], b(idx)[0])
+    assert torch.equal(a(idx)[0], b(idx, cluster_ids=torch.zeros(3, dtype=torch.long))[0])
+    assert set(a.state_dict()) == {k for k in a.state_dict() if not k.startswith('_orig_mod.')}
+    assert 'transformer.wte.weight' in a.state_dict() and a.transformer.wte.weight.dim() == 2
+
+
+@pytest.mark.parametrize('scope', ['all', 'blocks'])
+def test_mixed_cluster_batch_equals_each_cluster_alone(scope):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32, n_clusters=3,
+                          cluster_scope=scope)).eval()
+    idx = torch.randint(4, 37, (6, 9))
+    cids = torch.tensor([2, 0, 1, 2, 0, 0])
+    mixed, _ = model(idx, cluster_ids=cids)
+    for r in range(6):
+        alone, _ = model(idx[r:r + 1], cluster_ids=cids[r:r + 1])
+        torch.testing.assert_close(mixed[r:r + 1], alone, rtol=1e-5, atol=1e-5)
+    # each set really is a separate model: copying set 1 into a plain GPT reproduces its rows
+    plain = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)).eval()
+    state = {k: (v[1] if v.dim() > plain.state_dict()[k].dim() else v) for k, v in model.state_dict().items()}
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(idx[2:3])[0], mixed[2:3], rtol=1e-5, atol=1e-5)
+    # the loss path (logits only at real targets) agrees with the full logits, mixed clusters too
+    targets = torch.randint(4, 37, (6, 9))
+    targets[:, ::3] = -1
+    logits, loss = model(idx, targets, cluster_ids=cids)
+    torch.testing.assert_close(logits, mixed[targets != -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='cluster_ids'):
+        model(idx)
+
+
+def test_single_model_is_sized_to_the_clusterwise_parameter_count():
+    from model import count_params, matched_single_config
+    for K, scope in [(4, 'all'), (3, 'blocks'), (8, 'all')]:
+        cfg = GPTConfig(block_size=64, vocab_size=438, n_layer=2, n_head=2, n_embd=64, n_clusters=K, cluster_scope=scope)
+        single, ratio = matched_single_config(cfg)
+        assert single.n_clusters == 1 and single.n_embd > 64 and single.n_embd % 2 == 0
+        assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02

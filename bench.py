@@ -1,0 +1,324 @@
+"""
+How fast is this machine for nanoBehavior? One table: the hardware, the matmul peak, training
+throughput of three model sizes in fp32 and bf16, and (given data folders) the data, clustering,
+evaluation and prediction steps on real logs. Measurement only: nothing here changes training.
+
+    python bench.py --quick                                  # ~30 s, synthetic workloads only
+    python bench.py                                          # longer timings, synthetic only
+    python bench.py --msnbc_input=msnbc990928.seq.gz --msnbc_dir=data/msnbc --bms_dir=data/bms
+    python bench.py --threads=1 --out=bench_1thread.json     # one core
+
+The table is also written as JSON to --out. Training FLOPs use nanoGPT's estimate (PaLM appendix B):
+6N + 12*L*C*T per token (model.estimate_flops_per_token), so "% peak" compares the model with a
+2048x2048 matmul of the same dtype on the same machine: an upper bound a real model rarely nears
+on small shapes. Workloads are seeded; timings are wall clock, so other jobs on the machine show.
+"""
+
+import os
+import sys
+import json
+import time
+import platform
+import resource
+import tempfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import parse_config, ConfigError
+
+# -----------------------------------------------------------------------------
+out = 'bench.json'       # the table as JSON
+quick = False            # ~30 s: fewer steps and users (bare `--quick` works too)
+msnbc_input = ''         # raw UCI MSNBC .seq.gz: data preparation speed ('' = skip)
+msnbc_dir = ''           # prepared MSNBC folder: k-means, evaluation, next-page latency ('' = skip)
+bms_dir = ''             # prepared BMS-WebView-1 folder: one epoch at train.py's defaults ('' = skip)
+device = 'auto'          # 'auto' (cuda > mps > cpu), 'cpu', 'cuda'
+threads = 0              # torch threads (0 = torch's default)
+steps = 10               # timed training steps per preset and dtype (--quick: 2)
+warmup = 2               # untimed steps first (--quick: 1)
+matmul_n = 2048          # matmul peak: n x n @ n x n
+matmul_reps = 10         # timed matmuls per dtype (--quick: 3)
+eval_users = 0           # validation users for the evaluation speed (0 = all; --quick: 5000)
+latency_users = 200      # users for the next-page latency (--quick: 50)
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+# (n_layer, n_head, n_embd, block_size, vocab_size, batch rows): tiny = train.py's default model
+PRESETS = {'tiny': (2, 2, 64, 50, 3300, 128), 'small': (4, 4, 128, 200, 3300, 32), 'medium': (6, 6, 384, 256, 3300, 16)}
+COLUMNS = ('name', 'dtype', 'value', 'unit', 'gflops', 'peak_share', 'mem_mb', 'note')
+
+
+def hardware(dev):
+    """What the machine is, read, never assumed: CPU model and flags from /proc/cpuinfo, or the GPU."""
+    info = {'python': platform.python_version(), 'torch': torch.__version__, 'device': dev,
+            'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'cpu_model': platform.processor() or platform.machine()}
+    if hasattr(os, 'sched_getaffinity'):
+        info['cores_usable'] = len(os.sched_getaffinity(0))
+    flags = set()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name':
+                    info['cpu_model'] = value.strip()
+                elif key.strip() in ('flags', 'Features') and not flags:
+                    flags = set(value.split())
+    except OSError:
+        info['cpuinfo'] = 'unreadable'
+    for flag in ('avx512f', 'avx512_bf16', 'amx_bf16'):
+        info[flag] = flag in flags if flags else None          # None: unknown (no /proc/cpuinfo)
+    info['onednn_bf16'] = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dev.startswith('cuda'):
+        info['gpu'] = torch.cuda.get_device_name(dev)
+        info['gpu_bf16'] = torch.cuda.is_bf16_supported()
+    return info
+
+
+def sync(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, n, dev):
+    """Seconds for n calls of fn (after sync)."""
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+def matmul_peak(dev, dtype, n, reps):
+    """GFLOP/s of an n x n matmul: 2n^3 FLOPs each."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    timed(lambda: a @ b, 2, dev)
+    return 2 * n ** 3 * reps / timed(lambda: a @ b, reps, dev) / 1e9
+
+
+class PeakMemory:
+    """Peak memory of a block, MB: CUDA allocator peak, or on Linux the process's peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) above the RSS at entry; elsewhere ru_maxrss growth."""
+
+    def __init__(self, dev):
+        self.dev, self.mb = dev, None
+
+    def __enter__(self):
+        if self.dev.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            self.start, self.hwm = self._status('VmRSS'), True
+        except OSError:
+            self.start, self.hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, False
+        return self
+
+    @staticmethod
+    def _status(key):
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ':')) / 1024
+
+    def __exit__(self, *exc):
+        if self.dev.startswith('cuda'):
+            self.mb = torch.cuda.max_memory_allocated() / 2 ** 20
+        elif self.hwm:
+            self.mb = self._status('VmHWM') - self.start
+        else:
+            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start
+
+
+def train_preset(name, dtype, cfg, dev, peak):
+    """Training steps (forward + backward + clip + AdamW) on full rows of random pages."""
+    from model import GPT, GPTConfig
+    n_layer, n_head, n_embd, T, V, B = PRESETS[name]
+    device_type = dev.split(':')[0]
+    with PeakMemory(dev) as mem:
+        torch.manual_seed(cfg['seed'])
+        model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                              dropout=0.0)).to(dev)
+        rows = torch.randint(4, V, (B, T + 1), generator=torch.Generator().manual_seed(cfg['seed']))
+        x, y = rows[:, :-1].to(dev), rows[:, 1:].to(dev)          # (B, T) inputs, next-page targets
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+        autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=torch.bfloat16)
+
+        def step():
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        timed(step, cfg['warmup'], dev)
+        dt = timed(step, cfg['steps'], dev)
+    tok_s = B * T * cfg['steps'] / dt
+    flops = model.estimate_flops_per_token(T=T)
+    return dict(name=f'train {name}', dtype=dtype, value=tok_s, unit='tokens/s', gflops=tok_s * flops / 1e9,
+                peak_share=tok_s * flops / 1e9 / peak, mem_mb=mem.mb,
+                note=f'L{n_layer} H{n_head} C{n_embd} T{T} V{V} B{B}, {model.get_num_params() / 1e6:.2f}M params, '
+                     f'{flops / 1e6:.2f} MFLOP/token, {1e3 * dt / cfg["steps"]:.1f} ms/step')
+
+
+def default_model(data, dev, dropout=0.0):
+    """A random-init model at train.py's default shape over this dataset's vocabulary."""
+    import train
+    from model import GPT, GPTConfig
+    torch.manual_seed(train.seed)
+    return GPT(GPTConfig(block_size=train.block_size, vocab_size=data.vocab_size, n_layer=train.n_layer,
+                         n_head=train.n_head, n_embd=train.n_embd, dropout=dropout)).to(dev).eval()
+
+
+def bench_prepare(path):
+    import data as D
+    with tempfile.TemporaryDirectory(prefix='bench_prepare_') as tmp:
+        t0 = time.perf_counter()
+        meta = D.prepare(path, tmp)
+        dt = time.perf_counter() - t0
+    return [dict(name='prepare msnbc', value=meta['n_events'] / dt, unit='events/s',
+                 note=f"{meta['n_events']:,} events, {meta['n_users']:,} users in {dt:.1f} s")]
+
+
+def bench_msnbc(data_dir, cfg, dev):
+    from data import load_data
+    from cluster import tfidf_vectors, kmeans
+    from evaluate import evaluate_model
+    from sample import next_page_probs
+    data, rows = load_data(data_dir), []
+    t0 = time.perf_counter()
+    x = tfidf_vectors(data, seed=cfg['seed'])
+    t1 = time.perf_counter()
+    kmeans(x, 10, seed=cfg['seed'])
+    t2 = time.perf_counter()
+    rows.append(dict(name='tf-idf vectors', value=t1 - t0, unit='s', note=f'{data.n_users:,} users x {x.shape[1]} dims'))
+    rows.append(dict(name='k-means k=10', value=t2 - t1, unit='s', note=f'{data.n_users:,} users, n_init=4'))
+    model = default_model(data, dev)
+    n = cfg['eval_users'] or data.meta['n_eval_users']
+    t0 = time.perf_counter()
+    evaluate_model(model, data, 'val', model.config.block_size, dev, max_users=cfg['eval_users'] or None, seed=cfg['seed'])
+    dt = time.perf_counter() - t0
+    rows.append(dict(name='evaluate val (full rank)', value=n / dt, unit='users/s',
+                     note=f'{n:,} users in {dt:.1f} s, batch 512, random-init default model'))
+    rng = np.random.default_rng(cfg['seed'])
+    users = rng.choice(data.n_users, size=min(cfg['latency_users'], data.n_users), replace=False)
+    histories = [np.asarray(data.tokens[data.offsets[u]:data.train_end[u]], dtype=np.int64).tolist() for u in users]
+    next_page_probs(model, histories[0], dev)
+    ms = []
+    for ids in histories:
+        t0 = time.perf_counter()
+        next_page_probs(model, ids, dev)
+        sync(dev)
+        ms.append(1e3 * (time.perf_counter() - t0))
+    rows.append(dict(name='next-page latency', value=float(np.median(ms)), unit='ms/user',
+                     note=f'median of {len(ms)} users (p90 {np.percentile(ms, 90):.2f} ms), one history per forward'))
+    return rows
+
+
+def bench_epoch(data_dir, cfg, dev):
+    """One stage-1 epoch on a dataset at train.py's default config (dropout, tail weights, lr schedule)."""
+    import train
+    from data import load_data, train_windows, get_batch
+    data, tc = load_data(data_dir), dict(train.DEFAULTS)
+    model = default_model(data, dev, tc['dropout']).train()
+    windows = train_windows(data, tc['block_size'])
+    schedule = train.BatchSchedule(windows[:, 1] - windows[:, 0], tc['batch_tokens'], 0, 1, tc['seed'])
+    schedule(0)
+    n_batches = schedule.starts[1]
+    weight = train.class_weights(tc, data)
+    optimizer = model.configure_optimizers(tc['weight_decay'], tc['learning_rate'], (tc['beta1'], tc['beta2']),
+                                           dev.split(':')[0])
+    sync(dev)
+    t0, targets = time.perf_counter(), 0
+    for it in range(n_batches):
+        for group in optimizer.param_groups:
+            group['lr'] = train.get_lr(it, tc)
+        x, y = get_batch(data, windows, schedule(it))
+        targets += int((y != -1).sum())
+        _, loss = model(x.to(dev), y.to(dev), class_weight=None if weight is None else weight.to(dev))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc['grad_clip'])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(dev)
+    dt = time.perf_counter() - t0
+    return [dict(name='epoch bms (train.py defaults)', dtype='fp32', value=dt, unit='s',
+                 note=f'{n_batches} micro-batches of <= {tc["batch_tokens"]} tokens, {targets / dt:,.0f} target tokens/s')]
+
+
+def format_table(rows):
+    def cell(v, fmt):
+        return '' if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
+    lines = [f"{'benchmark':<28s} {'dtype':<5s} {'value':>12s} {'unit':<9s} {'GFLOP/s':>8s} {'%peak':>6s} {'mem MB':>7s}  note"]
+    for r in rows:
+        share = None if r.get('peak_share') is None else 100 * r['peak_share']
+        lines.append(f"{r['name']:<28s} {cell(r.get('dtype'), '{}'):<5s} {cell(r['value'], '{:,.2f}'):>12s} "
+                     f"{r['unit']:<9s} {cell(r.get('gflops'), '{:.1f}'):>8s} {cell(share, '{:.1f}'):>6s} "
+                     f"{cell(r.get('mem_mb'), '{:.0f}'):>7s}  {r.get('note', '')}")
+    return '\n'.join(lines)
+
+
+def run(cfg):
+    from model import resolve_device
+    if cfg['quick']:
+        cfg.update(steps=min(cfg['steps'], 2), warmup=min(cfg['warmup'], 1), matmul_reps=min(cfg['matmul_reps'], 3),
+                   eval_users=cfg['eval_users'] or 5000, latency_users=min(cfg['latency_users'], 50))
+    for k in ('steps', 'matmul_reps', 'matmul_n', 'latency_users'):
+        if cfg[k] < 1:
+            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
+    for k in ('msnbc_input', 'msnbc_dir', 'bms_dir'):
+        if cfg[k] and not os.path.exists(cfg[k]):
+            raise ConfigError(f"--{k}={cfg[k]}: not found")
+    if cfg['threads'] > 0:
+        torch.set_num_threads(cfg['threads'])
+    dev = resolve_device(cfg['device'])
+    hw = hardware(dev)
+    print('hardware: ' + ', '.join(f'{k}={v}' for k, v in hw.items()), flush=True)
+    rows, peak = [], {}
+    for dtype, tdtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+        peak[dtype] = matmul_peak(dev, tdtype, cfg['matmul_n'], cfg['matmul_reps'])
+        rows.append(dict(name=f"matmul {cfg['matmul_n']}x{cfg['matmul_n']}", dtype=dtype, value=peak[dtype],
+                         unit='GFLOP/s', gflops=peak[dtype], peak_share=1.0, note='the peak that %peak refers to'))
+    for name in PRESETS:
+        for dtype in ('fp32', 'bf16'):
+            rows.append(train_preset(name, dtype, cfg, dev, peak[dtype]))
+            print(format_table(rows[-1:]).split('\n')[1], flush=True)
+    skipped = []
+    for key, fn in (('msnbc_input', lambda: bench_prepare(cfg['msnbc_input'])),
+                    ('msnbc_dir', lambda: bench_msnbc(cfg['msnbc_dir'], cfg, dev)),
+                    ('bms_dir', lambda: bench_epoch(cfg['bms_dir'], cfg, dev))):
+        if cfg[key]:
+            rows += fn()
+        else:
+            skipped.append(key)
+    print(f"\nbenchmarks on {hw['cpu_model'] if dev == 'cpu' else hw.get('gpu', dev)}, {hw['torch_threads']} torch threads"
+          f"{', quick' if cfg['quick'] else ''}:")
+    print(format_table(rows))
+    if skipped:
+        print(f"skipped (no data given): {', '.join('--' + k for k in skipped)}")
+    result = {'hardware': hw, 'config': cfg, 'presets': {k: dict(zip(('n_layer', 'n_head', 'n_embd', 'block_size',
+              'vocab_size', 'batch_rows'), v)) for k, v in PRESETS.items()}, 'rows': rows, 'skipped': skipped}
+    with open(cfg['out'], 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f"written to {cfg['out']}")
+    return result
+
+
+def main(argv):
+    argv = ['--quick=1' if a == '--quick' else a for a in argv]
+    from data import DataError
+    try:
+        run(parse_config(DEFAULTS, argv))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,38 @@
+"""bench.py: every benchmark runs on a tiny synthetic setting and fills the table's keys."""
+import json
+
+import pytest
+
+import bench
+from data import make_builtin
+
+
+def test_hardware_reads_flags():
+    hw = bench.hardware('cpu')
+    for key in ('cpu_model', 'cores', 'torch_threads', 'avx512f', 'avx512_bf16', 'amx_bf16'):
+        assert key in hw
+    assert hw['amx_bf16'] in (True, False, None)
+
+
+def test_run_writes_one_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, 'PRESETS', {'tiny': (1, 1, 16, 8, 40, 4)})
+    data_dir = str(tmp_path / 'shop')
+    make_builtin(data_dir, n_users=200)
+    cfg = dict(bench.DEFAULTS, out=str(tmp_path / 'bench.json'), quick=True, matmul_n=64,
+               msnbc_dir=data_dir, bms_dir=data_dir, latency_users=5)
+    result = bench.run(cfg)
+    names = [r['name'] for r in result['rows']]
+    assert names.count('matmul 64x64') == 2 and names.count('train tiny') == 2
+    assert {'k-means k=10', 'evaluate val (full rank)', 'next-page latency', 'epoch bms (train.py defaults)'} <= set(names)
+    assert result['skipped'] == ['msnbc_input']
+    for r in result['rows']:
+        assert r['value'] > 0 and set(r) <= set(bench.COLUMNS)
+    train = [r for r in result['rows'] if r['name'] == 'train tiny']
+    assert all(r['gflops'] > 0 and r['peak_share'] > 0 and r['mem_mb'] is not None for r in train)
+    assert json.load(open(cfg['out']))['rows'][0]['unit'] == 'GFLOP/s'
+    assert 'train tiny' in capsys.readouterr().out
+
+
+def test_bare_quick_flag_and_bad_values(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(['--quick', '--steps=0', f'--out={tmp_path}/b.json'])
