@@ -93,6 +93,10 @@ prior_keep = 0.75              # stage 2: 0 = learn the subset's balanced prior;
                                #   (logits + log(subset rate / data rate) in the loss: balanced softmax)
 stage2_learning_rate = 5e-4    # stage 2: peak learning rate (decays to a tenth), lower than stage 1
 stage2_iters = 500             # stage 2: iterations (max_iters is stage 1's)
+# HeTLM: cluster-specific parameter sets (clusters from cluster.py)
+n_clusters = 1                 # parameter sets; > 1 reads every user's cluster from `clusters`
+cluster_scope = 'all'          # 'all': K independent models; 'blocks': shared embeddings and head
+clusters = ''                  # int64 cluster per user (.npy); '' = data_dir/clusters.npy
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'              # 'float32' or 'bfloat16' (autocast)
@@ -102,7 +106,7 @@ seed = 1337
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias')
+MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope')
 
 
 def get_lr(it, cfg):
@@ -119,20 +123,23 @@ def get_lr(it, cfg):
     return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
 
 
-def epoch_batches(lengths, batch_tokens, epoch, seed, bucket=64):
+def epoch_batches(lengths, batch_tokens, epoch, seed, bucket=64, groups=None):
     """One epoch's micro-batches (arrays of window indices), a function of (seed, epoch) only.
 
     Behavior logs are mostly short histories with a long tail of long ones, so a fixed number of
     rows wastes most of the compute on padding or starves the optimizer. Instead windows are
     shuffled, sorted by length inside chunks of about `bucket` batches, and cut into batches of
-    at most `batch_tokens` padded tokens (rows x longest row); then the batches are shuffled."""
+    at most `batch_tokens` padded tokens (rows x longest row); then the batches are shuffled.
+    groups (one int per window, e.g. its user's cluster): every batch holds one group only, so a
+    clusterwise model runs each batch with one parameter set at the cost of a single model."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
     n_in = lengths - 1                                  # input tokens of each window
     chunk = max(1, int(bucket * batch_tokens / max(1.0, float(n_in.mean()))))
+    parts = [perm] if groups is None else [perm[groups[perm] == g] for g in np.unique(groups)]
     batches = []
-    for c in range(0, len(perm), chunk):
-        part = perm[c:c + chunk]
+    for c, part in ((c, p) for p in parts for c in range(0, len(p), chunk)):
+        part = part[c:c + chunk]
         part = part[np.argsort(n_in[part], kind='stable')]   # ascending: a batch's last row is its longest
         L, i = n_in[part], 0
         while i < len(part):
@@ -150,8 +157,8 @@ class BatchSchedule:
     so a resumed run continues the data order where it stopped (no batch is seen twice).
     With W processes, micro-batch s of process r is batch s*W + r of the epoch's list."""
 
-    def __init__(self, lengths, batch_tokens, rank, world_size, seed):
-        self.lengths, self.batch_tokens, self.seed = lengths, batch_tokens, seed
+    def __init__(self, lengths, batch_tokens, rank, world_size, seed, groups=None):
+        self.lengths, self.batch_tokens, self.seed, self.groups = lengths, batch_tokens, seed, groups
         self.rank, self.world = rank, world_size
         self.starts = [0]           # first micro-batch number of each epoch seen so far
         self._epoch, self._batches = None, None
@@ -161,7 +168,7 @@ class BatchSchedule:
     def _load(self, epoch):
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = epoch_batches(self.lengths, self.batch_tokens, epoch, self.seed)
+            self._batches = epoch_batches(self.lengths, self.batch_tokens, epoch, self.seed, groups=self.groups)
         return self._batches
 
     def __call__(self, step):
@@ -218,6 +225,9 @@ def check_config(cfg):
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
     if cfg['stage'] not in (1, 2):
         raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+    if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in ('all', 'blocks'):
+        raise ConfigError(f"--n_clusters={cfg['n_clusters']} --cluster_scope={cfg['cluster_scope']}: "
+                          "need n_clusters >= 1 and scope 'all' or 'blocks'")
     if cfg['best_metric'] != 'auto' and cfg['best_metric'] not in BEST_METRICS:
         raise ConfigError(f"--best_metric={cfg['best_metric']}: expected 'auto' or one of {sorted(BEST_METRICS)}")
     if not 0 <= cfg['band_low'] < cfg['band_high'] <= 1:
@@ -247,19 +257,42 @@ def class_weights(cfg, data):
 
 
 @torch.no_grad()
-def target_difficulty(model, data, windows, device, batch_tokens=4096):
+def window_clusters(data, windows, user_clusters):
+    """Cluster id of each window's user, or None without clusters."""
+    if user_clusters is None:
+        return None
+    return user_clusters[np.searchsorted(np.asarray(data.offsets), windows[:, 0], side='right') - 1]
+
+
+def load_clusters(cfg, data):
+    """The user -> cluster assignment for n_clusters > 1 (None for a single model)."""
+    if cfg['n_clusters'] == 1:
+        return None
+    path = cfg['clusters'] or os.path.join(cfg['data_dir'], 'clusters.npy')
+    if not os.path.isfile(path):
+        raise ConfigError(f"--n_clusters={cfg['n_clusters']} needs a user -> cluster assignment at {path}: "
+                          f"run python cluster.py --data_dir={cfg['data_dir']} --k={cfg['n_clusters']}")
+    c = np.load(path).astype(np.int64)
+    if c.shape != (data.n_users,) or c.min() < 0 or c.max() >= cfg['n_clusters']:
+        raise ConfigError(f"{path}: expected {data.n_users:,} cluster ids in [0, {cfg['n_clusters']}), "
+                          f"got shape {c.shape}, range [{c.min()}, {c.max()}]")
+    return c
+
+
+def target_difficulty(model, data, windows, device, batch_tokens=4096, groups=None):
     """Stage-1 cross-entropy of every page target inside the training windows, in one batched pass.
     Returns (pos, target, difficulty): absolute token index of each target, its page, its loss."""
     model.eval()
     lengths = windows[:, 1] - windows[:, 0]
     budget = max(64, min(batch_tokens, (1 << 24) // data.vocab_size))  # bound the (N, V) logits
-    batches = epoch_batches(lengths, budget, 0, 0)
+    batches = epoch_batches(lengths, budget, 0, 0, groups=groups)
     pos, tgt, ce = [], [], []
     for rows in tqdm(batches, desc='difficulty', unit='batch', disable=None):
         x, y = get_batch(data, windows, rows)
         keep = y >= 4                                       # pages only: behaviors, not <eos>/<unk>
         y[~keep] = -1
-        logits, _ = model(x.to(device), y.to(device))       # (N, V) at the kept targets
+        cid = None if groups is None else torch.from_numpy(groups[rows]).to(device)
+        logits, _ = model(x.to(device), y.to(device), cluster_ids=cid)  # (N, V) at the kept targets
         ce.append(F.cross_entropy(logits.float(), y[keep].to(device), reduction='none').cpu().numpy())
         r, t = keep.nonzero(as_tuple=True)
         pos.append(windows[rows][r.numpy(), 0] + t.numpy() + 1)
@@ -288,11 +321,12 @@ def balanced_subset(target, difficulty, per_behavior, band_low, band_high):
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
-def stage2_windows(data, cfg, ref_model, device, master):
+def stage2_windows(data, cfg, ref_model, device, master, user_clusters=None):
     """The balanced subset as windows [start, target + 1): each chosen target with up to block_size
     tokens of its own user's preceding training history."""
     windows = train_windows(data, cfg['block_size'])
-    pos, target, diff = target_difficulty(ref_model, data, windows, device)
+    groups = window_clusters(data, windows, user_clusters)
+    pos, target, diff = target_difficulty(ref_model, data, windows, device, groups=groups)
     chosen = balanced_subset(target, diff, cfg['per_behavior'], cfg['band_low'], cfg['band_high'])
     user = np.searchsorted(np.asarray(data.offsets), pos[chosen], side='right') - 1
     start = np.maximum(np.asarray(data.offsets)[user], pos[chosen] - cfg['block_size'])
@@ -379,7 +413,8 @@ def train(cfg):
         for p in ref_model.parameters():
             p.requires_grad_(False)
         for k in MODEL_KEYS:
-            cfg[k] = s1['model_args'][k]
+            cfg[k] = s1['model_args'].get(k, DEFAULTS[k])
+        user_clusters = None if s1.get('clusters') is None else s1['clusters'].numpy()
         if master:
             print(f"stage 2 starts from {src} (iteration {s1['iter_num']})")
     if cfg['init_from'] == 'resume':
@@ -390,10 +425,14 @@ def train(cfg):
             raise ConfigError(f"--init_from=resume: {ckpt_path} was trained on another vocabulary than {cfg['data_dir']}")
         model_args = ckpt['model_args']
         for k in MODEL_KEYS:  # the architecture comes from the checkpoint
-            cfg[k] = model_args[k]
+            cfg[k] = model_args.get(k, DEFAULTS[k])
+        user_clusters = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
     else:
         model_args = dict(block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'],
-                          n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'])
+                          n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
+                          n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
+        if cfg['stage'] == 1:
+            user_clusters = load_clusters(cfg, data)
     model = GPT(GPTConfig(**model_args)).to(dev)
     if ckpt is None and ref_model is not None:
         model.load_state_dict(ref_model.state_dict())
@@ -402,13 +441,14 @@ def train(cfg):
         windows = train_windows(data, cfg['block_size'])
         weight = class_weights(cfg, data)
     else:  # each window ends at one chosen target; every process computes the same subset
-        windows, bias = stage2_windows(data, cfg, ref_model, dev, master)
+        windows, bias = stage2_windows(data, cfg, ref_model, dev, master, user_clusters)
         weight = None
         if cfg['prior_keep'] > 0:
             logit_bias = bias.to(dev)
     if weight is not None:
         weight = weight.to(dev)
-    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'])
+    groups = window_clusters(data, windows, user_clusters)   # one parameter set per batch
+    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'], groups)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     if ckpt is not None:
@@ -447,13 +487,14 @@ def train(cfg):
             'best_metrics': plain(best_metrics), 'config': dict(cfg), 'rng_state': rng_states,
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
+            'clusters': None if user_clusters is None else torch.from_numpy(user_clusters),
         }, path)
 
     def run_eval():
         nonlocal best_val, best_metrics
         raw_model.eval()
         metrics = evaluate_model(raw_model, data, 'val', cfg['block_size'], dev,
-                                 max_users=cfg['eval_users'] or None, seed=cfg['seed'])
+                                 max_users=cfg['eval_users'] or None, seed=cfg['seed'], clusters=user_clusters)
         raw_model.train()
         value = metrics[cfg['best_metric']]
         improved = best_val is None or better(value, best_val, cfg['best_metric'])
@@ -490,16 +531,18 @@ def train(cfg):
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(ga):
-            x, y = get_batch(data, windows, schedule(iter_num * ga + micro), last_only=cfg['stage'] == 2)
+            rows = schedule(iter_num * ga + micro)
+            x, y = get_batch(data, windows, rows, last_only=cfg['stage'] == 2)
+            cid = None if groups is None else torch.from_numpy(groups[rows]).to(dev)
             tokens_seen += int((y != -1).sum())
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if ddp:  # sync gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == ga - 1
             with autocast:
-                logits, loss = model(x, y, class_weight=weight, logit_bias=logit_bias)
+                logits, loss = model(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias)
                 if ref_model is not None and cfg['kl_weight'] > 0:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
-                        ref_logits, _ = ref_model(x, y)
+                        ref_logits, _ = ref_model(x, y, cluster_ids=cid)
                     loss = loss + cfg['kl_weight'] * F.kl_div(F.log_softmax(logits.float(), -1),
                                                               F.log_softmax(ref_logits.float(), -1),
                                                               log_target=True, reduction='batchmean')
@@ -543,15 +586,17 @@ def final_report(best_path, data, cfg, dev, stage_dir):
     adjustment of the same model (its tau chosen on validation), and print the tables."""
     model, ckpt = load_checkpoint(best_path, dev)
     block = ckpt['model_args']['block_size']
+    uc = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
     # logit adjustment baseline: tau picked by validation harmonic mean of anchor and tail accuracy
     taus = (0.25, 0.5, 1.0, 1.5, 2.0)
     la = {tau: evaluate_model(model, data, 'val', block, dev, max_users=cfg['eval_users'] or None,
-                              seed=cfg['seed'], logit_adjust=tau)['hmean'] for tau in taus}
+                              seed=cfg['seed'], logit_adjust=tau, clusters=uc)['hmean'] for tau in taus}
     tau = max(taus, key=lambda t: la[t])
     results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path, 'logit_adjust_tau': tau}
     for split in ('val', 'test'):
-        rows = {'gpt (best.pt)': evaluate_model(model, data, split, block, dev),
-                f'gpt + logit adj. {tau}': evaluate_model(model, data, split, block, dev, logit_adjust=tau)}
+        rows = {'gpt (best.pt)': evaluate_model(model, data, split, block, dev, clusters=uc),
+                f'gpt + logit adj. {tau}': evaluate_model(model, data, split, block, dev, logit_adjust=tau,
+                                                          clusters=uc)}
         rows.update(evaluate_baselines(data, split))
         print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
               f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")

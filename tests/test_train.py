@@ -95,3 +95,21 @@ def test_torchrun_two_processes(small_data, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 10 and len(ckpt['rng_state']) == 2
+
+
+def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(small_data, tmp_path):
+    data = __import__('data').load_data(small_data)
+    assignment = np.arange(data.n_users) % 3
+    path = tmp_path / 'clusters.npy'
+    np.save(path, assignment)
+    with pytest.raises(train.ConfigError, match='cluster'):
+        train.train(config(small_data, tmp_path, n_clusters=2, clusters=str(path)))  # ids up to 2 need K >= 3
+    res = train.train(config(small_data, tmp_path, n_clusters=3, clusters=str(path), cluster_scope='blocks'))
+    ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['n_clusters'] == 3 and ckpt['model_args']['cluster_scope'] == 'blocks'
+    assert torch.equal(ckpt['clusters'], torch.from_numpy(assignment))
+    assert res['test']['gpt (best.pt)']['n'] > 0
+    w = train.train_windows(data, 32)
+    groups = train.window_clusters(data, w, assignment)
+    for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
+        assert len(np.unique(groups[b])) == 1
