@@ -62,20 +62,37 @@ def encode_history(sessions, tokenizer):
 
 
 @torch.no_grad()
-def next_page_probs(model, ids, device):
-    """Probability of every token as the next one, given the last block_size ids of a history."""
+def next_page_probs(model, ids, device, cluster=0):
+    """Probability of every token as the next one, given the last block_size ids of a history
+    (read by parameter set `cluster` of a clusterwise model)."""
     block = model.config.block_size
     idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)
-    logits, _ = model(idx)
+    logits, _ = model(idx, cluster_ids=torch.tensor([cluster]))
     return torch.softmax(logits[0, -1].float(), dim=-1)    # (V,)
 
 
 @torch.no_grad()
-def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, device):
+def assign_cluster(model, ids, device):
+    """HeTLM's rule for a new user: the parameter set with the lowest NLL on the user's pages.
+    Returns (cluster, NLL of each set)."""
+    K = model.config.n_clusters
+    x = torch.tensor([ids[-model.config.block_size - 1:]], dtype=torch.long, device=device)
+    idx, tgt = x[:, :-1].expand(K, -1), x[:, 1:].expand(K, -1)
+    if idx.size(1) == 0:
+        return 0, [float('nan')] * K
+    logp = torch.log_softmax(model(idx, cluster_ids=torch.arange(K))[0].float(), dim=-1)
+    nll = -logp.gather(2, tgt.unsqueeze(2)).squeeze(2)       # (K, T)
+    pages = tgt[0] >= N_SPECIAL
+    per_set = nll[:, pages].mean(1) if pages.any() else nll.mean(1)
+    return int(per_set.argmin()), per_set.tolist()
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, device, cluster=0):
     """Continue the open session token by token until <eos> or max_new_tokens (pages only)."""
     ids, out = list(ids), []
     for _ in range(max_new_tokens):
-        probs = next_page_probs(model, ids, device)
+        probs = next_page_probs(model, ids, device, cluster)
         logits = torch.log(probs)
         logits[[PAD, UNK, BOS]] = -float('inf')     # never emit padding, unknown or a session start
         if temperature == 0:
@@ -93,11 +110,11 @@ def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, d
     return out
 
 
-def show(model, tokenizer, ids, cfg, generator, device, title):
+def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0):
     pages = [p for p in tokenizer.decode(ids) if not p.startswith('<') or p == '<unk>']
     tail = ' '.join(pages[-12:])
     print(f"\n{title}: {len(pages)} pages, last: {'... ' if len(pages) > 12 else ''}{tail}")
-    probs = next_page_probs(model, ids, device)
+    probs = next_page_probs(model, ids, device, cluster)
     page_probs = probs[N_SPECIAL:]
     k = min(cfg['top_k'], page_probs.numel())
     top_p, top_i = torch.topk(page_probs, k)
@@ -105,7 +122,8 @@ def show(model, tokenizer, ids, cfg, generator, device, title):
     for rank, (p, i) in enumerate(zip(top_p.tolist(), top_i.tolist()), 1):
         print(f"    {rank:2d}. {tokenizer.pages[i + N_SPECIAL]:<30s} {p:.3f}")
     for s in range(cfg['num_samples']):
-        cont = generate(model, ids, cfg['max_new_tokens'], cfg['temperature'], cfg['sample_top_k'], generator, device)
+        cont = generate(model, ids, cfg['max_new_tokens'], cfg['temperature'], cfg['sample_top_k'], generator,
+                        device, cluster)
         print(f"  continuation {s + 1}: {' '.join(tokenizer.decode(cont)) or '(session ends)'}")
 
 
@@ -139,7 +157,12 @@ def run(cfg):
         ids, unknown = encode_history(sessions, tokenizer)
         if unknown:
             print(f"note: {len(unknown)} page(s) not in the vocabulary, read as <unk>: {' '.join(unknown[:10])}")
-        show(model, tokenizer, ids, cfg, generator, dev, "your history")
+        cluster = 0
+        if model.config.n_clusters > 1:
+            cluster, nll = assign_cluster(model, ids, dev)
+            print(f"assigned to cluster {cluster} (lowest NLL of the history over the "
+                  f"{model.config.n_clusters} parameter sets: {' '.join(f'{v:.3f}' for v in nll)})")
+        show(model, tokenizer, ids, cfg, generator, dev, "your history", cluster)
         return
 
     from data import load_data
@@ -160,7 +183,9 @@ def run(cfg):
         ids = [int(t) for t in data.tokens[data.offsets[u]:data.offsets[u + 1]]]
         if ids and ids[-1] == EOS:  # the last session is taken as still open
             ids = ids[:-1]
-        show(model, tokenizer, ids, cfg, generator, dev, f"user {names[u]}")
+        cluster = 0 if ckpt.get('clusters') is None else int(ckpt['clusters'][u])
+        show(model, tokenizer, ids, cfg, generator, dev,
+             f"user {names[u]}" + (f" (cluster {cluster})" if model.config.n_clusters > 1 else ""), cluster)
 
 
 def main(argv):

@@ -62,3 +62,19 @@ def test_run_on_a_history_and_clear_errors(ckpt_dir, capsys):
         sample.run(dict(cfg, out_dir=str(ckpt_dir / 'missing')))
     with pytest.raises(ConfigError, match='temperature'):
         sample.run(dict(cfg, temperature=-1.0))
+
+
+def test_new_history_goes_to_the_set_with_the_lowest_nll():
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=8, vocab_size=12, n_layer=1, n_head=1, n_embd=16, n_clusters=3)).eval()
+    ids = [BOS, 4, 7, 5, EOS, BOS, 9, 4]
+    k, nll = sample.assign_cluster(model, ids, 'cpu')
+    x = torch.tensor([ids])
+    expected = []
+    for c in range(3):  # page targets only (<eos>/<bos> are not behaviors)
+        logits, _ = model(x[:, :-1], cluster_ids=torch.tensor([c]))
+        t = x[0, 1:]
+        keep = t >= 4
+        expected.append(float(torch.nn.functional.cross_entropy(logits[0][keep], t[keep])))
+    assert nll == pytest.approx(expected, abs=1e-5)
+    assert k == min(range(3), key=lambda c: expected[c])
