@@ -14,8 +14,10 @@ The table is also written as JSON to --out. Training FLOPs use nanoGPT's estimat
 on small shapes. Workloads are seeded; timings are wall clock, so other jobs on the machine show.
 """
 
+import gc
 import os
 import sys
+import ctypes
 import json
 import time
 import platform
@@ -95,11 +97,12 @@ def timed(fn, n, dev):
 
 
 def matmul_peak(dev, dtype, n, reps):
-    """GFLOP/s of an n x n matmul: 2n^3 FLOPs each."""
+    """GFLOP/s of an n x n matmul (2n^3 FLOPs), from the fastest of reps: a peak, so the best
+    rep, not the mean, which another job on the machine would drag down."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
     timed(lambda: a @ b, 2, dev)
-    return 2 * n ** 3 * reps / timed(lambda: a @ b, reps, dev) / 1e9
+    return 2 * n ** 3 / min(timed(lambda: a @ b, 1, dev) for _ in range(reps)) / 1e9
 
 
 class PeakMemory:
@@ -113,6 +116,11 @@ class PeakMemory:
         if self.dev.startswith('cuda'):
             torch.cuda.reset_peak_memory_stats()
             return self
+        gc.collect()
+        try:  # hand freed heap back to the OS first, or an earlier run's memory hides this one's
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open('/proc/self/clear_refs', 'w') as f:
                 f.write('5')

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import bench
 from data import make_builtin
@@ -17,10 +18,14 @@ def test_hardware_reads_flags():
 def test_run_writes_one_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, 'PRESETS', {'tiny': (1, 1, 16, 8, 40, 4)})
     data_dir = str(tmp_path / 'shop')
-    make_builtin(data_dir, n_users=200)
-    cfg = dict(bench.DEFAULTS, out=str(tmp_path / 'bench.json'), quick=True, matmul_n=64,
+    make_builtin(data_dir, n_users=100)
+    cfg = dict(bench.DEFAULTS, out=str(tmp_path / 'bench.json'), quick=True, matmul_n=64, threads=1,
                msnbc_dir=data_dir, bms_dir=data_dir, latency_users=5)
-    result = bench.run(cfg)
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
     names = [r['name'] for r in result['rows']]
     assert names.count('matmul 64x64') == 2 and names.count('train tiny') == 2
     assert {'k-means k=10', 'evaluate val (full rank)', 'next-page latency', 'epoch bms (train.py defaults)'} <= set(names)
