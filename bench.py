@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from configurator import parse_config, ConfigError
+from configurator import ConfigError, run_main
 
 # -----------------------------------------------------------------------------
 out = 'bench.json'       # the table as JSON
@@ -321,11 +321,7 @@ def run(cfg):
 def main(argv):
     argv = ['--quick=1' if a == '--quick' else a for a in argv]
     from data import DataError
-    try:
-        run(parse_config(DEFAULTS, argv))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(run, DEFAULTS, argv, (DataError,))
 
 
 if __name__ == '__main__':

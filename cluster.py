@@ -317,13 +317,9 @@ def run(cfg):
 
 
 def main(argv):
-    from configurator import parse_config, ConfigError
+    from configurator import run_main
     from data import DataError
-    try:
-        run(parse_config(DEFAULTS, argv))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(run, DEFAULTS, argv, (DataError,))
 
 
 if __name__ == '__main__':

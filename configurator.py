@@ -14,6 +14,7 @@ Used by train.py, sample.py, cluster.py:
 
 import ast
 import os
+import sys
 
 
 class ConfigError(ValueError):
@@ -94,3 +95,13 @@ def parse_config(defaults, argv):
         value = text if isinstance(defaults[key], str) else _literal(text)  # strings stay verbatim
         config[key] = _coerce(key, value, defaults[key], f"argument {arg}")
     return config
+
+
+def run_main(run, defaults, argv, errors=()):
+    """A script's main: parse argv over `defaults`, call run(config). A ConfigError, or one of
+    `errors` (e.g. data.DataError), is printed as one line and exits with status 2, no traceback."""
+    try:
+        return run(parse_config(defaults, argv))
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import parse_config, ConfigError
+from configurator import ConfigError, run_main
 from model import GPT, GPTConfig, load_checkpoint, resolve_device
 from data import DataError, load_data, ensure_builtin, train_windows, get_batch
 from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
@@ -618,12 +618,7 @@ def final_report(best_path, data, cfg, dev, stage_dir):
 
 
 def main(argv):
-    try:
-        cfg = parse_config(DEFAULTS, argv)
-        train(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(train, DEFAULTS, argv, (DataError,))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """The BehaviorLM curriculum in train.py: stage-1 class weights, the balanced stage-2 subset, stage 2
 starting from stage 1, and the last-target-only batches of stage 2."""
-import os
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 Fast, offline; every input is a small file written into tmp_path."""
 
 import gzip
-import json
 import os
 import sys
 

@@ -2,7 +2,6 @@
 import math
 import os
 import sys
-from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
