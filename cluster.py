@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -46,7 +47,9 @@ max_iter = 100                 # Lloyd iterations per restart, at most
 seed = 1337
 top_pages = 5                  # pages printed per cluster
 batch_tokens = 16384           # vectors='model': tokens per forward pass
-device = 'auto'                # vectors='model': 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'
+device = 'auto'                # vectors='model' / refine: 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'
+refine = ''                    # a clusterwise checkpoint (train.py --n_clusters=K): instead of k-means,
+                               #   move every user to the set with the lowest NLL on their training pages
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -239,6 +242,46 @@ def adjusted_rand_index(a, b):
     return float((same_both - expected) / (top - expected))
 
 # -----------------------------------------------------------------------------
+# endogenous refinement (HeTLM): move each user to the parameter set that predicts them best
+
+@torch.no_grad()
+def per_set_nll(model, data, block_size, device, batch_tokens=4096):
+    """(n_users, K) mean NLL of each user's training page targets under each parameter set of a
+    clusterwise model (NaN for users without one). One forward pass over the data per set."""
+    from data import get_batch, train_windows
+    from train import epoch_batches
+    model.eval()
+    K = model.config.n_clusters
+    windows = train_windows(data, block_size)
+    user = np.searchsorted(np.asarray(data.offsets), windows[:, 0], side='right') - 1
+    batches = epoch_batches(windows[:, 1] - windows[:, 0], batch_tokens, 0, 0)
+    total = np.zeros((data.n_users, K))
+    count = np.zeros(data.n_users)
+    for k in range(K):
+        for rows in tqdm(batches, desc=f'NLL under set {k}', unit='batch', disable=None):
+            x, y = get_batch(data, windows, rows)
+            y[y < N_SPECIAL] = -1                                  # pages only: the user's behaviors
+            keep = y != -1
+            logits, _ = model(x.to(device), y.to(device), cluster_ids=torch.full((len(rows),), k))
+            ce = F.cross_entropy(logits.float(), y[keep].to(device), reduction='none').cpu().numpy()
+            u = user[rows][keep.nonzero(as_tuple=True)[0].numpy()]
+            np.add.at(total[:, k], u, ce)
+            if k == 0:
+                np.add.at(count, u, 1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return total / count[:, None]
+
+
+def reassign(nll, current):
+    """New assignment: each user's lowest-NLL set (users without training pages stay put).
+    Returns (labels, number of users moved)."""
+    known = ~np.isnan(nll).any(axis=1)
+    labels = current.copy()
+    labels[known] = np.argmin(nll[known], axis=1)
+    return labels, int((labels != current).sum())
+
+
+# -----------------------------------------------------------------------------
 # the command line
 
 def describe(data, labels, k, n_top):
@@ -261,6 +304,37 @@ def describe(data, labels, k, n_top):
     return sizes
 
 
+def refine_step(cfg, data):
+    """One round of HeTLM's endogenous refinement: reassign users by lowest NLL over the sets of
+    a trained clusterwise checkpoint, write clusters.npy; then retrain (train.py --n_clusters=K)."""
+    from configurator import ConfigError
+    from data import write_atomic
+    from model import load_checkpoint, resolve_device
+    if not os.path.isfile(cfg['refine']):
+        raise ConfigError(f"--refine={cfg['refine']}: no checkpoint there")
+    model, ck = load_checkpoint(cfg['refine'], resolve_device(cfg['device']))
+    if model.config.n_clusters < 2 or ck.get('clusters') is None:
+        raise ConfigError(f"--refine={cfg['refine']}: not a clusterwise checkpoint (train with --n_clusters=K)")
+    if ck['tokenizer']['pages'] != data.tokenizer.pages:
+        raise ConfigError(f"--refine={cfg['refine']} was trained on another vocabulary than {cfg['data_dir']}")
+    t0 = time.time()
+    current = ck['clusters'].numpy()
+    nll = per_set_nll(model, data, model.config.block_size, next(model.parameters()).device, cfg['batch_tokens'])
+    labels, moved = reassign(nll, current)
+    known = ~np.isnan(nll).any(axis=1)
+    before = nll[known, current[known]].mean()
+    after = nll[known, labels[known]].mean()
+    print(f"refinement: {moved:,} of {len(labels):,} users moved ({moved / len(labels):.2%}); mean training NLL "
+          f"{before:.4f} -> {after:.4f} under {cfg['refine']} ({time.time() - t0:.1f} s)")
+    if data.segments is not None:
+        print(f"adjusted Rand index against the true segments: {adjusted_rand_index(labels, data.segments):.4f}")
+    write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
+    print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')}; retrain with "
+          f"python train.py --data_dir={cfg['data_dir']} --n_clusters={model.config.n_clusters}"
+          + ("; under 1% moved: converged" if moved < 0.01 * len(labels) else ""))
+    return labels, {'moved': moved, 'nll_before': float(before), 'nll_after': float(after)}
+
+
 def run(cfg):
     from configurator import ConfigError
     from data import ensure_builtin, load_data, write_atomic
@@ -276,6 +350,8 @@ def run(cfg):
     if cfg['k'] > data.n_users:
         raise ConfigError(f"--k={cfg['k']}: more clusters than the {data.n_users:,} users of {cfg['data_dir']}")
     P = data.vocab_size - N_SPECIAL
+    if cfg['refine']:
+        return refine_step(cfg, data)
 
     t0 = time.time()
     if cfg['vectors'] == 'tfidf':

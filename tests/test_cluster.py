@@ -156,3 +156,31 @@ def test_cli_writes_clusters_and_rejects_bad_settings(tmp_path, capsys):
             cluster.main([f"--data_dir={d.data_dir}", bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, (bad, err)
+
+
+def test_refinement_reassigns_by_lowest_nll_and_never_raises_total_nll(tmp_path):
+    import torch.nn.functional as F
+    from data import get_batch, load_data, make_builtin, train_windows
+    from model import GPT, GPTConfig
+    path = str(tmp_path / 'shop')
+    make_builtin(path, n_users=80)
+    data = load_data(path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=16, n_clusters=3))
+    nll = cluster.per_set_nll(model, data, 16, 'cpu', batch_tokens=256)
+    assert nll.shape == (data.n_users, 3)
+    # one user by hand, under set 2: mean cross-entropy of their training page targets
+    w = train_windows(data, 16)
+    u = int(np.flatnonzero(~np.isnan(nll[:, 0]))[0])
+    rows = np.flatnonzero((w[:, 0] >= data.offsets[u]) & (w[:, 0] < data.offsets[u + 1]))
+    x, y = get_batch(data, w, rows)
+    logits, _ = model(x, cluster_ids=torch.full((len(rows),), 2))
+    keep = y >= 4
+    expected = F.cross_entropy(logits[keep], y[keep]).item()
+    assert nll[u, 2] == pytest.approx(expected, rel=1e-5)
+    current = np.arange(data.n_users) % 3
+    labels, moved = cluster.reassign(nll, current)
+    known = ~np.isnan(nll).any(axis=1)
+    assert np.array_equal(labels[known], nll[known].argmin(1)) and np.array_equal(labels[~known], current[~known])
+    assert nll[known, labels[known]].sum() <= nll[known, current[known]].sum()
+    assert moved == int((labels != current).sum())
