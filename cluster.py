@@ -33,7 +33,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -248,26 +247,18 @@ def adjusted_rand_index(a, b):
 def per_set_nll(model, data, block_size, device, batch_tokens=4096):
     """(n_users, K) mean NLL of each user's training page targets under each parameter set of a
     clusterwise model (NaN for users without one). One forward pass over the data per set."""
-    from data import get_batch, train_windows
-    from train import epoch_batches
-    model.eval()
+    from data import train_windows
+    from train import target_difficulty
     K = model.config.n_clusters
     windows = train_windows(data, block_size)
-    user = np.searchsorted(np.asarray(data.offsets), windows[:, 0], side='right') - 1
-    batches = epoch_batches(windows[:, 1] - windows[:, 0], batch_tokens, 0, 0)
     total = np.zeros((data.n_users, K))
     count = np.zeros(data.n_users)
-    for k in range(K):
-        for rows in tqdm(batches, desc=f'NLL under set {k}', unit='batch', disable=None):
-            x, y = get_batch(data, windows, rows)
-            y[y < N_SPECIAL] = -1                                  # pages only: the user's behaviors
-            keep = y != -1
-            logits, _ = model(x.to(device), y.to(device), cluster_ids=torch.full((len(rows),), k))
-            ce = F.cross_entropy(logits.float(), y[keep].to(device), reduction='none').cpu().numpy()
-            u = user[rows][keep.nonzero(as_tuple=True)[0].numpy()]
-            np.add.at(total[:, k], u, ce)
-            if k == 0:
-                np.add.at(count, u, 1)
+    for k in range(K):  # the stage-2 difficulty pass, run with every window on set k
+        pos, _, ce = target_difficulty(model, data, windows, device, batch_tokens, np.full(len(windows), k))
+        user = np.searchsorted(np.asarray(data.offsets), pos, side='right') - 1
+        np.add.at(total[:, k], user, ce)
+        if k == 0:
+            np.add.at(count, user, 1)
     with np.errstate(invalid='ignore', divide='ignore'):
         return total / count[:, None]
 

@@ -247,8 +247,9 @@ def class_weights(cfg, data):
     if cfg['class_balanced'] > 0:
         beta = cfg['class_balanced']
         n = np.asarray(data.tokenizer.counts, dtype=np.float64)
-        windows = train_windows(data, 1)                   # every training (input, target) pair
-        n[EOS] = int((np.asarray(data.tokens[windows[:, 1] - 1]) == EOS).sum())  # <eos> targets
+        eos = np.flatnonzero(np.asarray(data.tokens) == EOS)          # <eos> targets in training regions
+        user = np.searchsorted(np.asarray(data.offsets), eos, side='right') - 1
+        n[EOS] = int((eos < np.asarray(data.train_end)[user]).sum())
         w = w * np.where(n > 0, (1 - beta) / (1 - beta ** np.maximum(n, 1)), 0.0)
         w = w / w[n > 0].mean()
     if np.allclose(w, 1.0):
