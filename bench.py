@@ -44,6 +44,8 @@ matmul_n = 2048          # matmul peak: n x n @ n x n
 matmul_reps = 10         # timed matmuls per dtype (--quick: 3)
 eval_users = 0           # validation users for the evaluation speed (0 = all; --quick: 5000)
 latency_users = 200      # users for the next-page latency (--quick: 50)
+big_vocab = 200000       # pages for the large-vocabulary row (tiny preset shape; 0 = skip)
+big_vocab_full = True    # also the full-logits loss there (a training step where memory allows, else forward only)
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
@@ -159,7 +161,7 @@ def train_preset(name, dtype, cfg, dev, peak):
 
         def step():
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)          # as train.py trains
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -249,7 +251,8 @@ def bench_epoch(data_dir, cfg, dev):
             group['lr'] = train.get_lr(it, tc)
         x, y = get_batch(data, windows, schedule(it))
         targets += int((y != -1).sum())
-        _, loss = model(x.to(dev), y.to(dev), class_weight=None if weight is None else weight.to(dev))
+        _, loss = model(x.to(dev), y.to(dev), class_weight=None if weight is None else weight.to(dev),
+                        return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc['grad_clip'])
         optimizer.step()
@@ -258,6 +261,95 @@ def bench_epoch(data_dir, cfg, dev):
     dt = time.perf_counter() - t0
     return [dict(name='epoch bms (train.py defaults)', dtype='fp32', value=dt, unit='s',
                  note=f'{n_batches} micro-batches of <= {tc["batch_tokens"]} tokens, {targets / dt:,.0f} target tokens/s')]
+
+
+def mem_available_mb():
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('MemAvailable:')) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def bench_big_vocab(cfg, dev):
+    """One training step (the first: AdamW state included) at the tiny preset's shape over a
+    big_vocab-page vocabulary: the chunked loss train.py uses vs the full (N, V) logits with
+    F.cross_entropy (forward only where a full step would not fit in memory); peak memory, loss."""
+    from model import GPT, GPTConfig
+    n_layer, n_head, n_embd, T, _, B = PRESETS['tiny']
+    V, rows, losses = cfg['big_vocab'], [], {}
+    need_full = 4 * B * T * V * 4 / 2 ** 20          # logits, log-softmax, and their gradients, fp32
+    avail = mem_available_mb()
+    for mode in ('chunked', 'full logits'):
+        train_step = mode == 'chunked' or avail is None or need_full < 0.7 * avail
+        if mode == 'full logits' and not cfg['big_vocab_full']:
+            continue
+        with PeakMemory(dev) as mem:
+            torch.manual_seed(cfg['seed'])
+            model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                  dropout=0.0)).to(dev)
+            data = torch.randint(4, V, (B, T + 1), generator=torch.Generator().manual_seed(cfg['seed']))
+            x, y = data[:, :-1].to(dev), data[:, 1:].to(dev)
+            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), dev.split(':')[0])
+
+            def step():
+                if not train_step:             # too big to train here: the loss alone, for the check
+                    with torch.no_grad():
+                        return model(x, y, return_logits=True)[1]
+                _, loss = model(x, y, return_logits=mode == 'full logits')
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss.detach()
+
+            t0 = time.perf_counter()
+            losses[mode] = float(step())
+            dt = time.perf_counter() - t0
+        what = 'training step' if train_step else (f'forward only: a training step needs ~{need_full / 1024:.0f} GB, '
+                                                  f'{avail / 1024:.0f} GB available')
+        rows.append(dict(name=f'tiny, {V:,} pages', dtype='fp32', value=B * T / dt if train_step else None,
+                         unit='tokens/s', mem_mb=mem.mb,
+                         note=f'{mode} ({what}): loss {losses[mode]:.6f}, {dt:.1f} s'))
+        del model, optimizer
+    if len(losses) == 2:
+        rows[-1]['note'] += f"; |chunked - full| {abs(losses['chunked'] - losses['full logits']):.1e}"
+    return rows
+
+
+def bench_clusters(cfg, dev, K=5):
+    """Time per training iteration of K parameter sets (each batch on one cluster's set, as
+    train.py batches) vs one plain GPT sized to the same parameter count (HeTLM's comparison)."""
+    import train
+    from model import GPT, GPTConfig, count_params, matched_single_config
+    T, V, B = train.block_size, 438, train.batch_tokens // train.block_size   # the built-in data's vocabulary
+    base = GPTConfig(block_size=T, vocab_size=V, n_layer=train.n_layer, n_head=train.n_head, n_embd=train.n_embd,
+                     dropout=0.0, n_clusters=K)
+    single, _ = matched_single_config(base)
+    data = torch.randint(4, V, (B, T + 1), generator=torch.Generator().manual_seed(cfg['seed']))
+    x, y = data[:, :-1].to(dev), data[:, 1:].to(dev)
+    ms = {}
+    for rep in range(2):                            # alternate, keep each one's best
+        for name, conf in (('clusterwise', base), ('single', single)):
+            torch.manual_seed(cfg['seed'])
+            model = GPT(conf).to(dev)
+            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), dev.split(':')[0])
+            it = [0]
+
+            def step():
+                cid = torch.full((B,), it[0] % K, device=dev) if conf.n_clusters > 1 else None
+                _, loss = model(x, y, cluster_ids=cid, return_logits=False)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                it[0] += 1
+
+            timed(step, K, dev)
+            n = max(K, cfg['steps'])
+            ms[name] = min(ms.get(name, float('inf')), 1e3 * timed(step, n, dev) / n)
+    return [dict(name=f'clusterwise K={K} vs single', dtype='fp32', value=ms['clusterwise'] / ms['single'],
+                 unit='x time', note=f"{ms['clusterwise']:.1f} vs {ms['single']:.1f} ms/iter; {K} sets of n_embd "
+                 f"{base.n_embd} ({count_params(base):,} params) vs one of n_embd {single.n_embd} "
+                 f"({count_params(single):,}), {B}x{T} tokens")]
 
 
 def format_table(rows):
@@ -273,10 +365,12 @@ def format_table(rows):
 
 
 def run(cfg):
-    from model import resolve_device
+    from model import pick_dtype, resolve_device
     if cfg['quick']:
         cfg.update(steps=min(cfg['steps'], 2), warmup=min(cfg['warmup'], 1), matmul_reps=min(cfg['matmul_reps'], 3),
                    eval_users=cfg['eval_users'] or 5000, latency_users=min(cfg['latency_users'], 50))
+    if cfg['big_vocab'] < 0 or 0 < cfg['big_vocab'] < 8:
+        raise ConfigError(f"--big_vocab={cfg['big_vocab']}: 0 (skip) or a vocabulary size")
     for k in ('steps', 'matmul_reps', 'matmul_n', 'latency_users'):
         if cfg[k] < 1:
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
@@ -287,6 +381,7 @@ def run(cfg):
         torch.set_num_threads(cfg['threads'])
     dev = resolve_device(cfg['device'])
     hw = hardware(dev)
+    hw['dtype_auto'] = ' '.join(pick_dtype('auto', dev)[:1]) + f" ({pick_dtype('auto', dev)[1]})"
     print('hardware: ' + ', '.join(f'{k}={v}' for k, v in hw.items()), flush=True)
     rows, peak = [], {}
     for dtype, tdtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
@@ -297,6 +392,11 @@ def run(cfg):
         for dtype in ('fp32', 'bf16'):
             rows.append(train_preset(name, dtype, cfg, dev, peak[dtype]))
             print(format_table(rows[-1:]).split('\n')[1], flush=True)
+    rows += bench_clusters(cfg, dev)
+    print(format_table(rows[-1:]).split('\n')[1], flush=True)
+    if cfg['big_vocab']:
+        rows += bench_big_vocab(cfg, dev)
+        print(format_table(rows[-2:]).split('\n', 1)[1], flush=True)
     skipped = []
     for key, fn in (('msnbc_input', lambda: bench_prepare(cfg['msnbc_input'])),
                     ('msnbc_dir', lambda: bench_msnbc(cfg['msnbc_dir'], cfg, dev)),

@@ -264,11 +264,16 @@ def per_set_nll(model, data, block_size, device, batch_tokens=4096):
 
 
 def reassign(nll, current):
-    """New assignment: each user's lowest-NLL set (users without training pages stay put).
+    """New assignment: each user's lowest-NLL set (users without training pages, and users whose
+    current set ties the lowest, stay put).
     Returns (labels, number of users moved)."""
     known = ~np.isnan(nll).any(axis=1)
     labels = current.copy()
-    labels[known] = np.argmin(nll[known], axis=1)
+    best = np.argmin(nll[known], axis=1)
+    rows = np.flatnonzero(known)
+    # move only to a strictly better set: ties (e.g. sets that are still identical) keep the user
+    better = nll[rows, best] < nll[rows, current[rows]]
+    labels[rows[better]] = best[better]
     return labels, int((labels != current).sum())
 
 

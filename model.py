@@ -38,7 +38,8 @@ class GPTConfig:
     bias: bool = False        # bias in Linears and LayerNorms (False: a bit better and faster, as nanoGPT)
     n_clusters: int = 1       # parameter sets (HeTLM); 1 = one plain GPT
     cluster_scope: str = 'all'  # 'all': each cluster owns every weight (K independent models);
-                                # 'blocks': shared embeddings and head, per-cluster transformer blocks
+                                # 'blocks': shared embeddings and head, per-cluster transformer blocks;
+                                # 'norms': shared weights, per-cluster LayerNorm gains and output bias
 
 
 class SetLinear(nn.Module):
@@ -107,6 +108,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         kk = kk.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if q.dtype == torch.bfloat16 and q.device.type == 'cpu':
+            # under bf16 autocast on CPU, attention itself runs in fp32: its bf16 backward measured
+            # several times slower than fp32 on an AMX Xeon (bench.py), the matmuls around it gain
+            q, kk, v = q.float(), kk.float(), v.float()
         y = F.scaled_dot_product_attention(q, kk, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)                # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -127,11 +132,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config, n_sets=1):
+    def __init__(self, config, n_sets=1, n_norm_sets=None):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, n_sets)
+        n_norm_sets = n_sets if n_norm_sets is None else n_norm_sets
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, n_norm_sets)
         self.attn = CausalSelfAttention(config, n_sets)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, n_sets)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, n_norm_sets)
         self.mlp = MLP(config, n_sets)
 
     def forward(self, x, k=0):
@@ -140,7 +146,70 @@ class Block(nn.Module):
         return x
 
 
-SCOPES = ('all', 'blocks')  # what each cluster owns: everything (K independent models) or the blocks
+LOSS_CHUNK = 1 << 18  # logits per row chunk of ChunkedCrossEntropy: 1 MB in fp32, so a chunk's logits
+                      # stay in a core's L2 cache through softmax and both gradient matmuls (tiny
+                      # preset on a Xeon: 217 ms/step at 2^18, 354 ms at 2^22); big vocabularies use
+                      # at least BIG_VOCAB_ROWS rows, so the (V, C) head is streamed fewer times
+BIG_VOCAB_ROWS = 256
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W.T + bias, t_i) without the (N, V) logits: rows are processed in chunks
+    (LOSS_CHUNK), and the gradients w.r.t. h and W are formed in the same pass (the
+    softmax of a chunk is turned into its gradient in place), so backward only scales them. Peak
+    memory is one chunk, not N x V: a 200,000-page vocabulary trains in a few hundred MB.
+    Under autocast the matmuls run in the autocast dtype with fp32 softmax and accumulation.
+    Returns (weighted sum, per-row losses); only the sum is differentiable."""
+
+    @staticmethod
+    def forward(ctx, h, W, t, w, bias, need_grad):
+        N, V = h.size(0), W.size(0)
+        cdt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
+        with torch.autocast(h.device.type, enabled=False):
+            Wc = W.to(cdt)
+            rows = max(16, LOSS_CHUNK // V) if V <= LOSS_CHUNK // 16 else BIG_VOCAB_ROWS
+            losses = torch.empty(N, dtype=torch.float32, device=h.device)
+            gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
+            gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
+            gb = torch.zeros(V, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
+            for s in range(0, N, rows):
+                hc, tc = h[s:s + rows].to(cdt), t[s:s + rows]
+                z = (hc @ Wc.t()).float()                                  # (rows, V)
+                if bias is not None:
+                    z += bias
+                zt = z.gather(1, tc[:, None])
+                mx = z.amax(dim=1, keepdim=True)
+                z.sub_(mx).exp_()                                          # in place: one pass
+                se = z.sum(dim=1, keepdim=True)
+                losses[s:s + rows] = (mx + se.log() - zt).squeeze(1)       # logsumexp - z_t
+                if need_grad:   # d/dz of w * CE = w * (softmax(z) - onehot(t))
+                    wc = w[s:s + rows, None]
+                    z.mul_(wc / se)
+                    z.scatter_add_(1, tc[:, None], -wc)
+                    if gb is not None:
+                        gb += z.sum(dim=0)
+                    if cdt == torch.float32:
+                        torch.mm(z, Wc, out=gh[s:s + rows])
+                        gW.addmm_(z.t(), hc)
+                    else:
+                        zc = z.to(cdt)
+                        gh[s:s + rows] = (zc @ Wc).float()
+                        gW += (zc.t() @ hc).float()
+        ctx.save_for_backward(gh, gW, gb)
+        ctx.dtypes = (h.dtype, W.dtype)
+        ctx.mark_non_differentiable(losses)
+        return (losses * w).sum(), losses
+
+    @staticmethod
+    def backward(ctx, g, _):
+        gh, gW, gb = ctx.saved_tensors
+        if gh is None:
+            raise RuntimeError("ChunkedCrossEntropy: gradients were not formed (forward ran without grad)")
+        return (gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g, None
+
+
+SCOPES = ('all', 'blocks', 'norms')  # what each cluster owns: everything (K independent models),
+                                     # the blocks, or only the LayerNorms and a bias over the pages
 
 
 class GPT(nn.Module):
@@ -153,15 +222,20 @@ class GPT(nn.Module):
                              f"need n_clusters >= 1 and a scope in {SCOPES}")
         self.config = config
         K = config.n_clusters
-        k_emb = K if config.cluster_scope == 'all' else 1     # embeddings, final LayerNorm, head
+        scope = config.cluster_scope
+        k_emb = K if scope == 'all' else 1                     # embeddings and head
+        k_blk = 1 if scope == 'norms' else K                   # transformer block weights
+        k_ln = 1 if scope == 'blocks' else K                   # final LayerNorm
         self.transformer = nn.ModuleDict(dict(
             wte=SetEmbedding(config.vocab_size, config.n_embd, k_emb),
             wpe=SetEmbedding(config.block_size, config.n_embd, k_emb),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, K) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, k_emb),
+            h=nn.ModuleList([Block(config, k_blk, K) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, k_ln),
         ))
         self.lm_head = SetLinear(config.n_embd, config.vocab_size, False, k_emb)
+        # 'norms': each cluster's own bias over the pages (its prior), on top of the shared head
+        self.page_bias = nn.Parameter(torch.zeros(K, config.vocab_size)) if scope == 'norms' and K > 1 else None
         # weight tying: a page's input embedding is its output embedding, so a page seen only in
         # contexts still gets a useful output vector (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -225,38 +299,70 @@ class GPT(nn.Module):
         """(N, C) or (B, T, C) hidden states -> logits (..., V); cluster_ids has one id per row."""
         groups = self._groups(cluster_ids, h.size(0))
         if len(groups) == 1:
-            return self.lm_head(h, groups[0][1])
-        out = h.new_empty(*h.shape[:-1], self.config.vocab_size)
+            return self._head(h, groups[0][1])
+        out = None
         for rows, k in groups:
             rows = rows.to(h.device)
-            out[rows] = self.lm_head(h[rows], k)
+            z = self._head(h[rows], k)                      # bf16 under autocast
+            out = z.new_empty(*h.shape[:-1], self.config.vocab_size) if out is None else out
+            out[rows] = z
         return out
 
-    def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None):
+    def _head(self, h, k):
+        z = self.lm_head(h, k)
+        return z if self.page_bias is None else z + self.page_bias[k].to(z.dtype)
+
+    def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None,
+                return_logits=True):
         """class_weight (V,): loss weight of each target class (BehaviorLM's anchor/tail weighting,
         class-balanced loss); the loss is the weighted mean, as F.cross_entropy(weight=...).
         logit_bias (V,): added to the logits inside the loss only (training on a re-sampled subset
-        while keeping the data's prior, as the balanced softmax of Ren et al., 2020)."""
+        while keeping the data's prior, as the balanced softmax of Ren et al., 2020).
+        return_logits=False (training): the loss is computed in row chunks (ChunkedCrossEntropy)
+        and the (N, V) logits are never materialized; logits is then None."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
             return self.head(h, cluster_ids), None          # (B, T, V)
         keep = targets != -1                                # (B, T) real targets only
         rows = keep.nonzero(as_tuple=True)[0]
         cid = None if cluster_ids is None else cluster_ids[rows]
+        t = targets[keep]
+        if not return_logits:
+            return None, self._chunked_loss(h[keep], t, cid, class_weight, logit_bias)
         logits = self.head(h[keep], cid)                    # (N, V): no logits at pads
         z = logits.float() if logit_bias is None else logits.float() + logit_bias
-        t = targets[keep]
         if t.numel() == 0 or (class_weight is not None and not class_weight[t].any()):
             loss = z.sum() * 0.0                           # nothing to learn here: 0, not NaN
         else:
             loss = F.cross_entropy(z, t, weight=class_weight)
         return logits, loss
 
+    def _chunked_loss(self, h, t, cid, class_weight, logit_bias):
+        """The same weighted mean cross-entropy as forward's, in bounded memory (one set's head
+        per group of rows)."""
+        w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
+        denom = w.sum()
+        if t.numel() == 0 or not denom > 0:
+            return h.sum() * 0.0 + self.lm_head.weight.sum() * 0.0   # nothing to learn here: 0, not NaN
+        grad = torch.is_grad_enabled()
+        total = 0.0
+        for rows, k in self._groups(cid, h.size(0)):
+            hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
+            W = self.lm_head.weight if self.lm_head.weight.dim() == 2 else self.lm_head.weight[k]
+            bias = logit_bias
+            if self.page_bias is not None:
+                bias = self.page_bias[k] if bias is None else self.page_bias[k] + bias
+            total = total + ChunkedCrossEntropy.apply(hk, W, tk, wk, bias, grad)[0]
+        return total / denom
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; decay every >= 2-D tensor (matmuls, embeddings), not biases and LayerNorm gains."""
+        """AdamW; decay the matmul and embedding weights, not biases, LayerNorm gains or the
+        per-cluster page bias (nanoGPT's rule "decay every >= 2-D tensor", by module, so that
+        stacked per-cluster gains (K, C) are not decayed)."""
+        mats = {id(m.weight) for m in self.modules() if isinstance(m, (SetLinear, SetEmbedding))}
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if id(p) in mats]
+        no_decay = [p for p in params if id(p) not in mats]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         # fused AdamW runs on CPU and CUDA in recent PyTorch; fall back to foreach where it does not
@@ -286,6 +392,29 @@ def load_checkpoint(path, device='cpu'):
     return model, ckpt
 
 
+def expand_state(state, model):
+    """A state dict for `model` from `state`, a checkpoint of the same architecture with fewer
+    parameter sets: a tensor with one set fewer dimension is copied into every set (HeTLM's warm
+    start: every cluster's set begins as the shared model), a tensor of the same shape as is."""
+    out = {}
+    for name, want in model.state_dict().items():
+        if name not in state:
+            if name == 'page_bias':              # a plain GPT has none: start every cluster's at 0
+                out[name] = want
+                continue
+            raise ValueError(f"{name} is missing from the checkpoint")
+        src = state[name]
+        if src.shape == want.shape:
+            out[name] = src
+        elif src.shape == want.shape[1:]:
+            out[name] = src.unsqueeze(0).expand_as(want).clone()
+        elif src.dim() == want.dim() and src.shape[1:] == want.shape[1:] and src.shape[0] == 1:
+            out[name] = src.expand_as(want).clone()
+        else:
+            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(want.shape)}")
+    return out
+
+
 def count_params(config):
     """Parameters of GPT(config), counted on the meta device (nothing is allocated)."""
     with torch.device('meta'):
@@ -304,6 +433,39 @@ def matched_single_config(config):
         lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
     width = min((lo, hi), key=lambda w: abs(size(w) - target))
     return GPTConfig(**{**base, 'n_embd': width * config.n_head}), size(width) / target
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where it cannot be read)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('flags', 'Features'):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_dtype(name, device):
+    """'float32' / 'bfloat16' as given; 'auto' -> bf16 autocast only where the hardware runs it
+    faster than fp32: a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16 (read from
+    /proc/cpuinfo, never assumed; without them bf16 is emulated and slower). Returns (name, why)."""
+    if name != 'auto':
+        return name, 'as set'
+    if device.startswith('cuda'):
+        if torch.cuda.is_bf16_supported():
+            return 'bfloat16', f'{torch.cuda.get_device_name(device)} supports bf16'
+        return 'float32', 'this GPU has no bf16 support'
+    if device == 'cpu':
+        flags = cpu_flags()
+        fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+        if fast:
+            return 'bfloat16', f"the CPU has {' and '.join(fast)}"
+        return 'float32', ('the CPU has neither amx_bf16 nor avx512_bf16' if flags
+                           else 'CPU features unknown (no /proc/cpuinfo)')
+    return 'float32', f'{device}: fp32 by default'
 
 
 def resolve_device(name):

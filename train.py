@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, run_main
-from model import GPT, GPTConfig, load_checkpoint, resolve_device
+from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, resolve_device
 from data import DataError, load_data, ensure_builtin, train_windows, get_batch
 from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
 
@@ -50,13 +50,16 @@ from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_
 out_dir = 'out'                # checkpoints and results go to out_dir/stage{stage}/
 data_dir = 'data/builtin'      # prepared by data.py; data/builtin is generated when missing
 stage = 1                      # curriculum stage: 1 = anchor stage, 2 = balanced stage (from stage 1's best.pt)
-init_from = 'scratch'          # 'scratch' or 'resume' (from out_dir/stage{stage}/ckpt.pt)
+init_from = 'scratch'          # 'scratch', 'resume' (from out_dir/stage{stage}/ckpt.pt), or a checkpoint
+                               #   path whose weights start a new run: a 1-set model is copied into
+                               #   every cluster's set (HeTLM warm start; hetlm.py uses it)
 eval_interval = 250            # iterations between validation runs (and checkpoints)
 log_interval = 50              # iterations between log lines
 eval_users = 2000              # validation users scored at each eval (0 = all); final eval uses all
 best_metric = 'auto'           # validation metric that picks best.pt ('nll' lower, others higher);
                                #   auto: ndcg@10 in stage 1, hmean (anchor/tail accuracy) in stage 2
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when best improves
+final_eval = True              # score best.pt on val and test at the end (tables, results.json)
 # data
 batch_tokens = 4096            # micro-batch size per process, in padded tokens (rows x longest row)
 block_size = 64                # longest context in tokens; longer histories are cut into windows
@@ -95,11 +98,13 @@ stage2_learning_rate = 5e-4    # stage 2: peak learning rate (decays to a tenth)
 stage2_iters = 500             # stage 2: iterations (max_iters is stage 1's)
 # HeTLM: cluster-specific parameter sets (clusters from cluster.py)
 n_clusters = 1                 # parameter sets; > 1 reads every user's cluster from `clusters`
-cluster_scope = 'all'          # 'all': K independent models; 'blocks': shared embeddings and head
+cluster_scope = 'all'          # 'all': K independent models; 'blocks': shared embeddings and head;
+                               #   'norms': shared weights, per-cluster LayerNorm gains and page bias
 clusters = ''                  # int64 cluster per user (.npy); '' = data_dir/clusters.npy
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'float32'              # 'float32' or 'bfloat16' (autocast)
+dtype = 'float32'              # 'float32', 'bfloat16' (autocast), or 'auto': bf16 where the hardware runs it
+                               #   faster (AMX / AVX512-BF16 CPU, bf16 GPU), fp32 elsewhere; printed
 compile = False                # torch.compile the model (checkpoints still hold the plain weights)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -223,11 +228,13 @@ def check_config(cfg):
               'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd'):
         if cfg[k] < 1:
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
+    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
+        raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
     if cfg['stage'] not in (1, 2):
         raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
-    if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in ('all', 'blocks'):
+    if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in SCOPES:
         raise ConfigError(f"--n_clusters={cfg['n_clusters']} --cluster_scope={cfg['cluster_scope']}: "
-                          "need n_clusters >= 1 and scope 'all' or 'blocks'")
+                          f"need n_clusters >= 1 and a scope in {SCOPES}")
     if cfg['best_metric'] != 'auto' and cfg['best_metric'] not in BEST_METRICS:
         raise ConfigError(f"--best_metric={cfg['best_metric']}: expected 'auto' or one of {sorted(BEST_METRICS)}")
     if not 0 <= cfg['band_low'] < cfg['band_high'] <= 1:
@@ -376,6 +383,7 @@ def train(cfg):
     master = rank == 0
     device_type = 'cuda' if dev.startswith('cuda') else ('mps' if dev.startswith('mps') else 'cpu')
     torch.manual_seed(cfg['seed'] + rank)
+    cfg['dtype'], why = pick_dtype(cfg['dtype'], dev)
     ptdtype = torch.bfloat16 if cfg['dtype'] == 'bfloat16' else torch.float32
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -437,6 +445,23 @@ def train(cfg):
     model = GPT(GPTConfig(**model_args)).to(dev)
     if ckpt is None and ref_model is not None:
         model.load_state_dict(ref_model.state_dict())
+    if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights
+        if cfg['stage'] == 2:
+            raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
+        if not os.path.isfile(cfg['init_from']):
+            raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch', 'resume' or a checkpoint file")
+        src = torch.load(cfg['init_from'], map_location='cpu', weights_only=True)
+        if src['tokenizer']['pages'] != data.tokenizer.pages:
+            raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")
+        try:
+            model.load_state_dict(expand_state(src['model'], model))
+        except ValueError as e:
+            raise ConfigError(f"--init_from={cfg['init_from']}: does not fit this model ({e}); "
+                              "use the same n_layer/n_head/n_embd/block_size/bias") from None
+        if master:
+            print(f"weights from {cfg['init_from']} (iteration {src['iter_num']}, "
+                  f"{src['model_args'].get('n_clusters', 1)} set(s)) -> {cfg['n_clusters']} set(s)")
+        del src
     logit_bias = None
     if cfg['stage'] == 1:
         windows = train_windows(data, cfg['block_size'])
@@ -471,7 +496,7 @@ def train(cfg):
         m = data.meta
         print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
               f"{data.vocab_size:,} tokens in the vocabulary, {len(windows):,} training windows")
-        print(f"model: {raw_model.get_num_params() / 1e6:.3f}M parameters; device {dev}, dtype {cfg['dtype']}, "
+        print(f"model: {raw_model.get_num_params() / 1e6:.3f}M parameters; device {dev}, dtype {cfg['dtype']} ({why}), "
               f"{world} process(es), {torch.get_num_threads()} threads each")
 
     def checkpoint(path):
@@ -518,11 +543,13 @@ def train(cfg):
         if improved or cfg['always_save_checkpoint'] or iter_num == cfg['max_iters']:
             checkpoint(ckpt_path)
 
-    if cfg['stage'] == 2 and iter_num == 0:  # stage 1's model is the score to beat
+    warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
+    if warm and iter_num == 0:  # the trained weights we start from are the score to beat
         eval_and_checkpoint()
 
     # training loop
     ga = cfg['gradient_accumulation_steps']
+    use_kl = ref_model is not None and cfg['kl_weight'] > 0
     model.train()
     t0, tokens_seen, loss_acc = time.time(), 0, None
     bar = tqdm(total=cfg['max_iters'], initial=iter_num, desc=f"stage {cfg['stage']}", unit='it',
@@ -540,8 +567,9 @@ def train(cfg):
             if ddp:  # sync gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == ga - 1
             with autocast:
-                logits, loss = model(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias)
-                if ref_model is not None and cfg['kl_weight'] > 0:  # stay close to stage 1 (anchors)
+                logits, loss = model(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias,
+                                     return_logits=use_kl)   # without KL: chunked loss, no (N, V) logits
+                if use_kl:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
                         ref_logits, _ = ref_model(x, y, cluster_ids=cid)
                     loss = loss + cfg['kl_weight'] * F.kl_div(F.log_softmax(logits.float(), -1),
@@ -573,7 +601,7 @@ def train(cfg):
     bar.close()
 
     results = None
-    if master:
+    if master and cfg['final_eval']:
         results = final_report(best_path, data, cfg, dev, stage_dir)
     if ddp:
         torch.distributed.barrier()

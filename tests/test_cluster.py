@@ -184,3 +184,9 @@ def test_refinement_reassigns_by_lowest_nll_and_never_raises_total_nll(tmp_path)
     assert np.array_equal(labels[known], nll[known].argmin(1)) and np.array_equal(labels[~known], current[~known])
     assert nll[known, labels[known]].sum() <= nll[known, current[known]].sum()
     assert moved == int((labels != current).sum())
+
+
+def test_reassign_keeps_users_whose_set_ties_the_best():
+    nll = np.array([[1.0, 1.0], [2.0, 1.0], [0.5, 0.7], [np.nan, np.nan]])
+    labels, moved = cluster.reassign(nll, np.array([1, 0, 1, 1]))
+    assert labels.tolist() == [1, 1, 0, 1] and moved == 2        # a tie stays; strictly better moves

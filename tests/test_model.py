@@ -87,7 +87,7 @@ def test_one_parameter_set_is_the_plain_gpt_and_loads_its_checkpoints():
     assert 'transformer.wte.weight' in a.state_dict() and a.transformer.wte.weight.dim() == 2
 
 
-@pytest.mark.parametrize('scope', ['all', 'blocks'])
+@pytest.mark.parametrize('scope', ['all', 'blocks', 'norms'])
 def test_mixed_cluster_batch_equals_each_cluster_alone(scope):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32, n_clusters=3,
@@ -99,10 +99,15 @@ def test_mixed_cluster_batch_equals_each_cluster_alone(scope):
         alone, _ = model(idx[r:r + 1], cluster_ids=cids[r:r + 1])
         torch.testing.assert_close(mixed[r:r + 1], alone, rtol=1e-5, atol=1e-5)
     # each set really is a separate model: copying set 1 into a plain GPT reproduces its rows
+    if model.page_bias is not None:
+        torch.nn.init.normal_(model.page_bias)
+        mixed, _ = model(idx, cluster_ids=cids)
     plain = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)).eval()
-    state = {k: (v[1] if v.dim() > plain.state_dict()[k].dim() else v) for k, v in model.state_dict().items()}
+    sd = model.state_dict()
+    state = {k: (sd[k][1] if sd[k].dim() > v.dim() else sd[k]) for k, v in plain.state_dict().items()}
     plain.load_state_dict(state)
-    torch.testing.assert_close(plain(idx[2:3])[0], mixed[2:3], rtol=1e-5, atol=1e-5)
+    bias = 0 if model.page_bias is None else model.page_bias[1]
+    torch.testing.assert_close(plain(idx[2:3])[0] + bias, mixed[2:3], rtol=1e-5, atol=1e-5)
     # the loss path (logits only at real targets) agrees with the full logits, mixed clusters too
     targets = torch.randint(4, 37, (6, 9))
     targets[:, ::3] = -1
@@ -119,3 +124,51 @@ def test_single_model_is_sized_to_the_clusterwise_parameter_count():
         single, ratio = matched_single_config(cfg)
         assert single.n_clusters == 1 and single.n_embd > 64 and single.n_embd % 2 == 0
         assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02
+
+
+@pytest.mark.parametrize("K,scope", [(1, 'all'), (3, 'all'), (3, 'norms')])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, monkeypatch):
+    import model as M
+    monkeypatch.setattr(M, "LOSS_CHUNK", 2000 * 16)     # 16 rows per chunk: several chunks per set
+    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope).train()
+    if m.page_bias is not None:
+        torch.nn.init.normal_(m.page_bias)
+    idx = torch.randint(4, 2000, (4, 16))
+    tgt = torch.randint(4, 2000, (4, 16))
+    tgt[1, 9:] = -1
+    cid = torch.tensor([0, 1, 2, 1]) % K
+    for kw in ({}, dict(class_weight=torch.rand(2000), logit_bias=0.1 * torch.randn(2000))):
+        grads = []
+        for full in (True, False):
+            m.zero_grad()
+            logits, loss = m(idx, tgt, cluster_ids=cid, return_logits=full, **kw)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+            assert (logits is None) != full
+        assert abs(grads[0][0] - grads[1][0]) < 1e-5
+        for a, b in zip(grads[0][1], grads[1][1]):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_warm_start_copies_one_set_into_every_set():
+    from model import expand_state
+    one = tiny()
+    many = tiny(n_clusters=3)
+    many.load_state_dict(expand_state(one.state_dict(), many))
+    idx = torch.randint(4, 37, (3, 8))
+    a, _ = one(idx)
+    b, _ = many(idx, cluster_ids=torch.tensor([0, 1, 2]))
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        expand_state(tiny(n_embd=16).state_dict(), many)
+
+
+def test_dtype_auto_picks_bf16_only_with_amx_or_avx512_bf16(monkeypatch):
+    import model as M
+    assert M.pick_dtype('float32', 'cpu')[0] == 'float32'
+    monkeypatch.setattr(M, 'cpu_flags', lambda: {'avx512f', 'avx2'})
+    assert M.pick_dtype('auto', 'cpu')[0] == 'float32'
+    monkeypatch.setattr(M, 'cpu_flags', lambda: {'avx512f', 'amx_bf16'})
+    assert M.pick_dtype('auto', 'cpu') == ('bfloat16', 'the CPU has amx_bf16')
+    monkeypatch.setattr(M, 'cpu_flags', lambda: set())
+    assert M.pick_dtype('auto', 'cpu')[0] == 'float32'

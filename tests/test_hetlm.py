@@ -1,0 +1,50 @@
+"""hetlm.py end to end on a small simulated shop: the shared model, the K sweep, refinement rounds,
+both controls and the per-user report; warm start of the sets; a rerun reuses finished runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import hetlm
+from configurator import parse_config
+from data import make_builtin
+from model import load_checkpoint
+
+
+def test_pipeline_writes_every_row_and_starts_sets_from_the_shared_model(tmp_path, capsys):
+    data_dir = str(tmp_path / 'shop')
+    make_builtin(data_dir, n_users=300)
+    argv = [f'--data_dir={data_dir}', f'--out_dir={tmp_path / "h"}', '--ks=2,3', '--max_iters=12',
+            '--cluster_iters=6', '--eval_interval=6', '--log_interval=6', '--batch_tokens=512', '--block_size=32',
+            '--n_embd=16', '--n_layer=1', '--warmup_iters=2', '--eval_users=100', '--max_rounds=2']
+    report = hetlm.run(parse_config(hetlm.DEFAULTS, argv))
+    out = capsys.readouterr().out
+    assert report['best_k'] in (2, 3) and set(report['val_nll_by_k']) == {2, 3}
+    assert 'refinement round 1:' in out and 'K sweep (validation NLL)' in out
+    names = list(report['models'])
+    assert names[0].startswith('shared') and names[1].startswith('k-means')
+    assert any(n.startswith('random split') for n in names) and names[-1] == 'single, equal parameters'
+    k = report['best_k']
+    single = report['models']['single, equal parameters']
+    assert abs(single['params'] / report['models'][names[1]]['params'] - 1) < 0.05   # width steps of n_head at n_embd 16
+    for r in report['models'].values():
+        s = r['stats']['all']
+        assert s['users'] > 0 and np.isfinite(s['nll_mean']) and s['nll_std'] >= 0
+    assert sum(v['users'] for c, v in report['models'][names[1]]['stats'].items() if c != 'all') \
+        == report['models'][names[1]]['stats']['all']['users']
+    with open(tmp_path / 'h' / 'hetlm.json') as f:
+        assert json.load(f)['best_k'] == k
+    # the K sets began as copies of the shared model (train.py's warm start)
+    assert f"weights from {tmp_path / 'h' / 'shared' / 'stage1' / 'best.pt'} (iteration 12, 1 set(s)) -> {k} set(s)" in out
+    model, ck = load_checkpoint(str(tmp_path / 'h' / f'k{k}' / 'stage1' / 'ckpt.pt'))
+    assert ck['clusters'].shape == (300,) and model.config.n_clusters == k and ck['iter_num'] == 6
+    # a second run with the same settings reuses every finished run
+    hetlm.run(parse_config(hetlm.DEFAULTS, argv))
+    assert 'training (' not in capsys.readouterr().out
+
+
+def test_bad_k_list_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        hetlm.main([f'--out_dir={tmp_path}', '--ks=1,x'])
+    err = capsys.readouterr().err
+    assert err.startswith('error:') and err.count('\n') == 1
