@@ -45,6 +45,9 @@ matmul_reps = 10         # timed matmuls per dtype (--quick: 3)
 eval_users = 0           # validation users for the evaluation speed (0 = all; --quick: 5000)
 latency_users = 200      # users for the next-page latency (--quick: 50)
 big_vocab = 200000       # pages for the large-vocabulary row (tiny preset shape; 0 = skip)
+dtype_check = False      # train the built-in data at the small and medium shapes in fp32 and bf16 for
+                         #   check_iters steps each; compare time and validation NLL (a few minutes)
+check_iters = 100        # steps per dtype for dtype_check (medium: a third)
 big_vocab_full = True    # also the full-logits loss there (a training step where memory allows, else forward only)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -188,11 +191,11 @@ def default_model(data, dev, dropout=0.0):
 
 def bench_prepare(path):
     import data as D
-    with tempfile.TemporaryDirectory(prefix='bench_prepare_') as tmp:
+    with tempfile.TemporaryDirectory(prefix='bench_prepare_') as tmp, PeakMemory('cpu') as mem:
         t0 = time.perf_counter()
         meta = D.prepare(path, tmp)
         dt = time.perf_counter() - t0
-    return [dict(name='prepare msnbc', value=meta['n_events'] / dt, unit='events/s',
+    return [dict(name='prepare msnbc', value=meta['n_events'] / dt, unit='events/s', mem_mb=mem.mb,
                  note=f"{meta['n_events']:,} events, {meta['n_users']:,} users in {dt:.1f} s")]
 
 
@@ -202,19 +205,23 @@ def bench_msnbc(data_dir, cfg, dev):
     from evaluate import evaluate_model
     from sample import next_page_probs
     data, rows = load_data(data_dir), []
-    t0 = time.perf_counter()
-    x = tfidf_vectors(data, seed=cfg['seed'])
-    t1 = time.perf_counter()
-    kmeans(x, 10, seed=cfg['seed'])
-    t2 = time.perf_counter()
+    with PeakMemory(dev) as mem:
+        t0 = time.perf_counter()
+        x = tfidf_vectors(data, seed=cfg['seed'])
+        t1 = time.perf_counter()
+        kmeans(x, 10, seed=cfg['seed'])
+        t2 = time.perf_counter()
     rows.append(dict(name='tf-idf vectors', value=t1 - t0, unit='s', note=f'{data.n_users:,} users x {x.shape[1]} dims'))
-    rows.append(dict(name='k-means k=10', value=t2 - t1, unit='s', note=f'{data.n_users:,} users, n_init=4'))
+    rows.append(dict(name='k-means k=10', value=t2 - t1, unit='s', mem_mb=mem.mb,
+                     note=f'{data.n_users:,} users, n_init=4 (memory: with the vectors)'))
     model = default_model(data, dev)
     n = cfg['eval_users'] or data.meta['n_eval_users']
-    t0 = time.perf_counter()
-    evaluate_model(model, data, 'val', model.config.block_size, dev, max_users=cfg['eval_users'] or None, seed=cfg['seed'])
-    dt = time.perf_counter() - t0
-    rows.append(dict(name='evaluate val (full rank)', value=n / dt, unit='users/s',
+    with PeakMemory(dev) as mem:
+        t0 = time.perf_counter()
+        evaluate_model(model, data, 'val', model.config.block_size, dev, max_users=cfg['eval_users'] or None,
+                       seed=cfg['seed'])
+        dt = time.perf_counter() - t0
+    rows.append(dict(name='evaluate val (full rank)', value=n / dt, unit='users/s', mem_mb=mem.mb,
                      note=f'{n:,} users in {dt:.1f} s, batch 512, random-init default model'))
     rng = np.random.default_rng(cfg['seed'])
     users = rng.choice(data.n_users, size=min(cfg['latency_users'], data.n_users), replace=False)
@@ -316,6 +323,37 @@ def bench_big_vocab(cfg, dev):
     return rows
 
 
+def bench_dtype_check(cfg, dev):
+    """bf16 vs fp32 on real data: the built-in dataset trained at the small and medium presets'
+    model shapes (its own vocabulary, train.py's token-budget batches) for the same number of
+    steps from the same seed; wall time and validation NLL of the final weights."""
+    import train
+    from data import ensure_builtin, load_data
+    from evaluate import evaluate_model
+    from model import load_checkpoint
+    ensure_builtin(train.DEFAULTS['data_dir'])
+    data, rows = load_data(train.DEFAULTS['data_dir']), []
+    for name in ('small', 'medium'):
+        n_layer, n_head, n_embd, T, _, _ = PRESETS[name]
+        iters = cfg['check_iters'] if name == 'small' else max(1, cfg['check_iters'] // 3)
+        res = {}
+        for dtype in ('float32', 'bfloat16'):
+            with tempfile.TemporaryDirectory(prefix='bench_dtype_') as tmp:
+                c = dict(train.DEFAULTS, out_dir=tmp, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T,
+                         max_iters=iters, eval_interval=iters, warmup_iters=max(1, iters // 10), dropout=0.0,
+                         final_eval=False, eval_users=500, dtype=dtype, device=dev, seed=cfg['seed'])
+                t0 = time.perf_counter()
+                train.train(c)
+                dt = time.perf_counter() - t0
+                model, ck = load_checkpoint(os.path.join(tmp, 'stage1', 'ckpt.pt'), dev)
+                res[dtype] = (dt, evaluate_model(model, data, 'val', T, dev)['nll'])
+        (t32, nll32), (t16, nll16) = res['float32'], res['bfloat16']
+        rows.append(dict(name=f'bf16 check {name}', dtype='bf16', value=t32 / t16, unit='x fp32',
+                         note=f'{iters} steps on the built-in data: {t16:.0f} s vs {t32:.0f} s (evaluation included); '
+                              f'validation NLL {nll16:.4f} vs fp32 {nll32:.4f} ({100 * (nll16 / nll32 - 1):+.2f}%)'))
+    return rows
+
+
 def bench_clusters(cfg, dev, K=5):
     """Time per training iteration of K parameter sets (each batch on one cluster's set, as
     train.py batches) vs one plain GPT sized to the same parameter count (HeTLM's comparison)."""
@@ -392,6 +430,9 @@ def run(cfg):
         for dtype in ('fp32', 'bf16'):
             rows.append(train_preset(name, dtype, cfg, dev, peak[dtype]))
             print(format_table(rows[-1:]).split('\n')[1], flush=True)
+    if cfg['dtype_check']:
+        rows += bench_dtype_check(cfg, dev)
+        print(format_table(rows[-2:]).split('\n', 1)[1], flush=True)
     rows += bench_clusters(cfg, dev)
     print(format_table(rows[-1:]).split('\n')[1], flush=True)
     if cfg['big_vocab']:

@@ -131,6 +131,9 @@ def eval_set(data, split, max_users=None, seed=0):
         users, ctx_start, ctx_end, targets = users[keep], ctx_start[keep], ctx_end[keep], targets[keep]
     return users, ctx_start, ctx_end, targets
 
+EVAL_LOGITS = 1 << 25  # scores per evaluation batch at most (128 MB in fp32): with 200,000 pages, 167 users
+
+
 def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
     """scorers: {name: fn(users, ctx_start, ctx_end) -> (B, V) or shared (1, V) scores} -> {name: metrics}.
     Examples are visited sorted by context length, so a model's batches carry little padding;
@@ -138,6 +141,7 @@ def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
     users, ctx_start, ctx_end, targets = eval_set(data, split, max_users, seed)
     order = np.argsort(ctx_end - ctx_start, kind="stable")
     out = {name: {k: [] for k in ("rank", "logp", "pred")} for name in scorers}
+    batch_size = max(1, min(batch_size, EVAL_LOGITS // data.vocab_size))   # bounded (B, V) scores
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
         tgt = torch.from_numpy(targets[rows])

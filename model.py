@@ -20,6 +20,7 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 
 import math
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -108,12 +109,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         kk = kk.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if q.dtype == torch.bfloat16 and q.device.type == 'cpu':
+        fp32_attention = q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+        with torch.autocast('cpu', enabled=False) if fp32_attention else nullcontext():
             # under bf16 autocast on CPU, attention itself runs in fp32: its bf16 backward measured
-            # several times slower than fp32 on an AMX Xeon (bench.py), the matmuls around it gain
-            q, kk, v = q.float(), kk.float(), v.float()
-        y = F.scaled_dot_product_attention(q, kk, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)                # (B, nh, T, hs)
+            # 3-4x slower than fp32 on an AMX Xeon (bench.py), while the matmuls around it gain
+            if fp32_attention:
+                q, kk, v = q.float(), kk.float(), v.float()
+            y = F.scaled_dot_product_attention(q, kk, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)            # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y, k))
 
@@ -151,6 +154,7 @@ LOSS_CHUNK = 1 << 18  # logits per row chunk of ChunkedCrossEntropy: 1 MB in fp3
                       # preset on a Xeon: 217 ms/step at 2^18, 354 ms at 2^22); big vocabularies use
                       # at least BIG_VOCAB_ROWS rows, so the (V, C) head is streamed fewer times
 BIG_VOCAB_ROWS = 256
+LOW_PRECISION_ROWS = 256
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -168,6 +172,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             Wc = W.to(cdt)
             rows = max(16, LOSS_CHUNK // V) if V <= LOSS_CHUNK // 16 else BIG_VOCAB_ROWS
+            if cdt != torch.float32:   # fewer, larger chunks: each one adds a (V, C) product into gW
+                rows = max(rows, LOW_PRECISION_ROWS)
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
@@ -193,8 +199,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                         gW.addmm_(z.t(), hc)
                     else:
                         zc = z.to(cdt)
-                        gh[s:s + rows] = (zc @ Wc).float()
-                        gW += (zc.t() @ hc).float()
+                        gh[s:s + rows] = zc @ Wc
+                        gW += zc.t() @ hc
         ctx.save_for_backward(gh, gW, gb)
         ctx.dtypes = (h.dtype, W.dtype)
         ctx.mark_non_differentiable(losses)

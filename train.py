@@ -5,6 +5,7 @@ scratch), in the stages of BehaviorLM's curriculum.
     python train.py --stage=1                              # built-in dataset, generated if missing
     python train.py --data_dir=data/bms --max_iters=3000   # a dataset prepared by data.py
     python train.py config/bms.py --init_from=resume       # a config file, then resume
+    python train.py --n_clusters=5 --init_from=out/stage1/best.pt   # 5 sets, each starting as that model
     torchrun --standalone --nproc_per_node=2 train.py      # DistributedDataParallel (gloo on CPU)
 
 Checkpoints go to out_dir/stage{stage}/: ckpt.pt (latest: model, optimizer, iteration, RNG) and

@@ -154,6 +154,16 @@ def test_eval_set_subset_is_fixed_and_evaluate_restores_user_order():
     one = ev.evaluate(data, "test", scorers, batch_size=1000)["markov"]["examples"]
     assert np.array_equal(one["rank"], ex["rank"]) and np.allclose(one["logp"], ex["logp"])
     assert np.array_equal(one["pred"], ex["pred"])
+    # a big vocabulary shrinks the batch so the (B, V) scores stay bounded; results are unchanged
+    sizes = []
+    scorer = scorers["markov"]
+    tracked = {"markov": lambda u, cs, ce: (sizes.append(len(u)), scorer(u, cs, ce))[1]}
+    old, ev.EVAL_LOGITS = ev.EVAL_LOGITS, 2 * data.vocab_size
+    try:
+        small = ev.evaluate(data, "test", tracked, batch_size=1000)["markov"]["examples"]
+    finally:
+        ev.EVAL_LOGITS = old
+    assert max(sizes) == 2 and np.array_equal(small["rank"], ex["rank"])
 
 
 # ----------------------------------------------------------------------------- model scoring
