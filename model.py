@@ -11,9 +11,13 @@ Differences from nanoGPT, all small:
   position t never looks at the pads after it, so right padding needs no attention mask; padded
   positions carry target -1 and are skipped.
 - With targets, logits are computed only at positions that have a real target (no full-vocabulary
-  logits at pads), so `forward` returns logits of shape (N, V) for those N positions.
-- `cluster_ids` (one per batch row) is accepted everywhere; cluster-specific parameter sets arrive
-  with the clustering issue, and n_clusters = 1 is exactly this plain GPT.
+  logits at pads), so `forward` returns logits of shape (N, V) for those N positions; training
+  asks for the loss alone (return_logits=False), computed in cache-sized row chunks that also form
+  the gradients (ChunkedCrossEntropy), so no (N, V) logits exist even for 200,000 pages.
+- HeTLM's cluster-specific parameter sets: every weight of a chosen scope is stacked n_clusters
+  times and `cluster_ids` (one per batch row) picks the set; n_clusters = 1 is exactly this plain
+  GPT. matched_single_config sizes the equal-parameter single model, expand_state warm-starts the
+  sets from a one-set checkpoint.
 
 Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (predictions).
 """

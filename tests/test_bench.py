@@ -20,7 +20,7 @@ def test_run_writes_one_table(tmp_path, monkeypatch, capsys):
     data_dir = str(tmp_path / 'shop')
     make_builtin(data_dir, n_users=100)
     cfg = dict(bench.DEFAULTS, out=str(tmp_path / 'bench.json'), quick=True, matmul_n=64, threads=1,
-               msnbc_dir=data_dir, bms_dir=data_dir, latency_users=5)
+               msnbc_dir=data_dir, bms_dir=data_dir, latency_users=5, big_vocab=5000)
     threads = torch.get_num_threads()
     try:
         result = bench.run(cfg)
@@ -30,6 +30,9 @@ def test_run_writes_one_table(tmp_path, monkeypatch, capsys):
     assert names.count('matmul 64x64') == 2 and names.count('train tiny') == 2
     assert {'k-means k=10', 'evaluate val (full rank)', 'next-page latency', 'epoch bms (train.py defaults)'} <= set(names)
     assert result['skipped'] == ['msnbc_input']
+    assert names.count('tiny, 5,000 pages') == 2 and 'clusterwise K=5 vs single' in names
+    big = [r for r in result['rows'] if r['name'] == 'tiny, 5,000 pages']
+    assert big[0]['note'].startswith('chunked') and float(big[1]['note'].rsplit(' ', 1)[1]) < 1e-5
     for r in result['rows']:
         assert r['value'] > 0 and set(r) <= set(bench.COLUMNS)
     train = [r for r in result['rows'] if r['name'] == 'train tiny']
@@ -41,3 +44,14 @@ def test_run_writes_one_table(tmp_path, monkeypatch, capsys):
 def test_bare_quick_flag_and_bad_values(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(['--quick', '--steps=0', f'--out={tmp_path}/b.json'])
+
+
+def test_dtype_check_trains_both_dtypes_on_real_data(tmp_path, monkeypatch):
+    import train
+    data_dir = str(tmp_path / 'shop')
+    make_builtin(data_dir, n_users=100)
+    monkeypatch.setattr(bench, 'PRESETS', {'small': (1, 1, 16, 16, 0, 0), 'medium': (1, 1, 16, 16, 0, 0)})
+    monkeypatch.setitem(train.DEFAULTS, 'data_dir', data_dir)
+    rows = bench.bench_dtype_check(dict(bench.DEFAULTS, check_iters=3), 'cpu')
+    assert [r['name'] for r in rows] == ['bf16 check small', 'bf16 check medium']
+    assert all(r['value'] > 0 and 'validation NLL' in r['note'] for r in rows)
