@@ -155,8 +155,10 @@ def run(cfg):
         sweep[k] = score(path, data, 'val', cfg, dev)[0]['nll']
         print(f"K={k}: validation NLL {sweep[k]:.4f}")
     best_k = min(k_list, key=lambda k: sweep[k])
+    shared_val = score(shared, data, 'val', cfg, dev)[0]['nll']
     print(f"\nK sweep (validation NLL): " + ", ".join(f"K={k} {v:.4f}" for k, v in sweep.items())
-          + f" -> K={best_k}")
+          + f" -> K={best_k}; the shared model alone (K=1): {shared_val:.4f}"
+          + (" -- lower than every K: on this data the clusters did not help" if shared_val < sweep[best_k] else ""))
 
     # 3. endogenous refinement at the chosen K
     current, labels, rounds = os.path.join(cfg['out_dir'], f'k{best_k}', 'stage1', 'ckpt.pt'), labels_of[best_k], []
@@ -195,7 +197,8 @@ def run(cfg):
                                                         max_iters=iters), iters)
 
     # 5. the report: per-user statistics on the test split
-    report = {'ks': k_list, 'val_nll_by_k': sweep, 'best_k': best_k, 'rounds': rounds, 'models': {}}
+    report = {'ks': k_list, 'val_nll_by_k': {1: shared_val, **sweep}, 'best_k': best_k, 'rounds': rounds,
+              'models': {}}
     cols = ('nll_mean', 'nll_std', 'nll_p10', 'nll_p90', 'hr@10_mean', 'hr@10_std', 'hr@10_p10')
     print(f"\ntest split, per-user statistics ({data.meta['n_eval_users']:,} users; NLL of each user's "
           f"test pages, lower is better; p10/p90 = 10th/90th percentile):")
