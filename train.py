@@ -85,7 +85,8 @@ lr_decay_iters = 0             # 0 = max_iters
 min_lr = 3e-4
 # curriculum (BehaviorLM): stage 1 weights tail targets, stage 2 fine-tunes on a balanced subset
 tail_weight = 0.5              # stage 1: loss weight of tail targets (anchors and <eos> weigh 1); 0.5
-                               #   gave the best validation anchor/tail balance after stage 2 (README)
+                               #   was chosen on validation after stage 2; the README's re-run of that
+                               #   ablation has 1.0 ahead by 0.006 (not changed yet)
 class_balanced = 0.0           # baseline: class-balanced loss, beta of Cui et al. 2019 (e.g. 0.999); 0 = off
 stage1_ckpt = ''               # stage 2: where stage 1's weights come from ('' = out_dir/stage1/best.pt)
 per_behavior = 200             # stage 2: samples kept per behavior; rarer behaviors keep all they have
