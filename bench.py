@@ -66,15 +66,12 @@ def hardware(dev):
             'cpu_model': platform.processor() or platform.machine()}
     if hasattr(os, 'sched_getaffinity'):
         info['cores_usable'] = len(os.sched_getaffinity(0))
-    flags = set()
+    from model import cpu_flags
+    flags = cpu_flags()                                         # what dtype=auto decides from
     try:
         with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key.strip() == 'model name':
-                    info['cpu_model'] = value.strip()
-                elif key.strip() in ('flags', 'Features') and not flags:
-                    flags = set(value.split())
+            info['cpu_model'] = next((line.partition(':')[2].strip() for line in f
+                                      if line.startswith('model name')), info['cpu_model'])
     except OSError:
         info['cpuinfo'] = 'unreadable'
     for flag in ('avx512f', 'avx512_bf16', 'amx_bf16'):
@@ -419,7 +416,8 @@ def run(cfg):
         torch.set_num_threads(cfg['threads'])
     dev = resolve_device(cfg['device'])
     hw = hardware(dev)
-    hw['dtype_auto'] = ' '.join(pick_dtype('auto', dev)[:1]) + f" ({pick_dtype('auto', dev)[1]})"
+    auto, why = pick_dtype('auto', dev)
+    hw['dtype_auto'] = f"{auto} ({why})"
     print('hardware: ' + ', '.join(f'{k}={v}' for k, v in hw.items()), flush=True)
     rows, peak = [], {}
     for dtype, tdtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):

@@ -311,8 +311,9 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     if not args.baselines_only:
+        uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
-                                          args.batch_size, args.max_users or None)
+                                          args.batch_size, args.max_users or None, clusters=uc)
     results.update(evaluate_baselines(data, args.split, args.max_users or None))
     print(format_table(results))
     print(f"split={args.split}, {time.time() - t0:.1f}s")

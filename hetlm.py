@@ -69,13 +69,18 @@ def run_train(cfg, name, last=False, **over):
     c = train_cfg(cfg, name, **over)
     best = os.path.join(c['out_dir'], 'stage1', 'ckpt.pt' if last else 'best.pt')
     done = os.path.join(c['out_dir'], 'done.json')
-    if os.path.isfile(done) and json.load(open(done)) == train.plain(c):
+    if os.path.isfile(done) and read_json(done) == train.plain(c):
         print(f"[{name}] already trained with these settings: {best}")
         return best
     print(f"\n[{name}] training ({c['max_iters']} iterations, {c['n_clusters']} set(s))")
     train.train(c)
     write_atomic(done, train.plain(c))
     return best
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def cluster_round(cfg, name, labels, init, k):
@@ -109,12 +114,15 @@ def per_user(m, uc):
     return out
 
 
-def kmeans_labels(cfg, data, k, shared, dev):
+def user_vectors(cfg, data, shared, dev):
+    """The vectors k-means clusters, once for the whole sweep: TF-IDF, or the shared model's."""
     if cfg['vectors'] == 'model':
         model, ck = load_checkpoint(shared, dev)
-        x = cluster.model_vectors(model, data, ck['model_args']['block_size'], dev)
-    else:
-        x = cluster.tfidf_vectors(data, seed=cfg['seed'])
+        return cluster.model_vectors(model, data, ck['model_args']['block_size'], dev)
+    return cluster.tfidf_vectors(data, seed=cfg['seed'])
+
+
+def kmeans_labels(cfg, data, k, x):
     labels, _, _ = cluster.kmeans(x, k, seed=cfg['seed'])
     labels = labels.cpu().numpy().astype(np.int64)
     if data.segments is not None:
@@ -149,14 +157,15 @@ def run(cfg):
 
     # 2. K sweep on validation NLL
     sweep, labels_of = {}, {}
+    x = user_vectors(cfg, data, shared, dev)
     for k in k_list:
-        labels_of[k] = kmeans_labels(cfg, data, k, shared, dev)
+        labels_of[k] = kmeans_labels(cfg, data, k, x)
         path = cluster_round(cfg, f'k{k}', labels_of[k], shared, k)
         sweep[k] = score(path, data, 'val', cfg, dev)[0]['nll']
         print(f"K={k}: validation NLL {sweep[k]:.4f}")
     best_k = min(k_list, key=lambda k: sweep[k])
     shared_val = score(shared, data, 'val', cfg, dev)[0]['nll']
-    print(f"\nK sweep (validation NLL): " + ", ".join(f"K={k} {v:.4f}" for k, v in sweep.items())
+    print("\nK sweep (validation NLL): " + ", ".join(f"K={k} {v:.4f}" for k, v in sweep.items())
           + f" -> K={best_k}; the shared model alone (K=1): {shared_val:.4f}"
           + (" -- lower than every K: on this data the clusters did not help" if shared_val < sweep[best_k] else ""))
 
@@ -183,11 +192,11 @@ def run(cfg):
               f'k-means, K={best_k}': (os.path.join(cfg['out_dir'], f'k{best_k}', 'stage1', 'ckpt.pt'), base + step)}
     if n_rounds:
         models[f'after refinement ({n_rounds} round{"s" if n_rounds > 1 else ""})'] = (current, base + step * (1 + n_rounds))
-    single_cfg, ratio = matched_single_config(GPTConfig(
-        block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'], n_head=cfg['n_head'],
-        n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'], n_clusters=best_k,
-        cluster_scope=cfg['cluster_scope']))
     if cfg['controls']:
+        single_cfg, ratio = matched_single_config(GPTConfig(
+            block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'], n_head=cfg['n_head'],
+            n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'], n_clusters=best_k,
+            cluster_scope=cfg['cluster_scope']))
         rand = np.random.default_rng(cfg['seed']).integers(0, best_k, data.n_users)
         models[f'random split, K={best_k}'] = (cluster_round(cfg, f'random{best_k}', rand, shared, best_k), base + step)
         iters = base + step * (1 + n_rounds)

@@ -234,6 +234,11 @@ def check_config(cfg):
         raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
     if cfg['stage'] not in (1, 2):
         raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+    if cfg['init_from'] not in ('scratch', 'resume'):   # a checkpoint to warm-start from
+        if cfg['stage'] == 2:
+            raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
+        if not os.path.isfile(cfg['init_from']):
+            raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch', 'resume' or a checkpoint file")
     if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in SCOPES:
         raise ConfigError(f"--n_clusters={cfg['n_clusters']} --cluster_scope={cfg['cluster_scope']}: "
                           f"need n_clusters >= 1 and a scope in {SCOPES}")
@@ -266,7 +271,6 @@ def class_weights(cfg, data):
     return torch.tensor(w, dtype=torch.float32)
 
 
-@torch.no_grad()
 def window_clusters(data, windows, user_clusters):
     """Cluster id of each window's user, or None without clusters."""
     if user_clusters is None:
@@ -340,9 +344,9 @@ def stage2_windows(data, cfg, ref_model, device, master, user_clusters=None):
     chosen = balanced_subset(target, diff, cfg['per_behavior'], cfg['band_low'], cfg['band_high'])
     user = np.searchsorted(np.asarray(data.offsets), pos[chosen], side='right') - 1
     start = np.maximum(np.asarray(data.offsets)[user], pos[chosen] - cfg['block_size'])
+    counts = np.bincount(target, minlength=data.vocab_size)          # samples per behavior: data, subset
+    kept = np.bincount(target[chosen], minlength=data.vocab_size)
     if master:
-        counts = np.bincount(target, minlength=data.vocab_size)
-        kept = np.bincount(target[chosen], minlength=data.vocab_size)
         anchor = np.isin(target[chosen], data.anchor_ids).mean() if len(chosen) else 0.0
         print(f"stage 2 subset: {len(chosen):,} of {len(target):,} training targets, "
               f"{int((kept > 0).sum()):,} behaviors ({int(((counts > 0) & (counts <= cfg['per_behavior'])).sum()):,} "
@@ -350,8 +354,7 @@ def stage2_windows(data, cfg, ref_model, device, master, user_clusters=None):
               f"difficulty band [{cfg['band_low']}, {cfg['band_high']}], mean stage-1 loss "
               f"{diff[chosen].mean():.3f} (all: {diff.mean():.3f})")
     # how much more often each behavior is seen in the subset than in the data, for prior_keep
-    rate = np.bincount(target[chosen], minlength=data.vocab_size) / max(1, len(chosen))
-    base = np.bincount(target, minlength=data.vocab_size) / max(1, len(target))
+    rate, base = kept / max(1, len(chosen)), counts / max(1, len(target))
     ratio = np.divide(rate, base, out=np.ones(data.vocab_size), where=(rate > 0) & (base > 0))
     bias = torch.tensor(cfg['prior_keep'] * np.log(ratio), dtype=torch.float32)
     return np.stack([start, pos[chosen] + 1], axis=1), bias
@@ -447,11 +450,7 @@ def train(cfg):
     model = GPT(GPTConfig(**model_args)).to(dev)
     if ckpt is None and ref_model is not None:
         model.load_state_dict(ref_model.state_dict())
-    if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights
-        if cfg['stage'] == 2:
-            raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
-        if not os.path.isfile(cfg['init_from']):
-            raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch', 'resume' or a checkpoint file")
+    if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
         src = torch.load(cfg['init_from'], map_location='cpu', weights_only=True)
         if src['tokenizer']['pages'] != data.tokenizer.pages:
             raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")

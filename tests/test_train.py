@@ -109,6 +109,9 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
     assert ckpt['model_args']['n_clusters'] == 3 and ckpt['model_args']['cluster_scope'] == 'blocks'
     assert torch.equal(ckpt['clusters'], torch.from_numpy(assignment))
     assert res['test']['gpt (best.pt)']['n'] > 0
+    # evaluate.py's command line reads the assignment from the checkpoint, as train.py's report does
+    from evaluate import main as evaluate_main
+    evaluate_main([f"--ckpt={tmp_path / 'stage1' / 'best.pt'}", '--split=test'])
     w = train.train_windows(data, 32)
     groups = train.window_clusters(data, w, assignment)
     for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
