@@ -316,6 +316,17 @@ def main(argv=None):
                                           args.batch_size, args.max_users or None, clusters=uc)
     results.update(evaluate_baselines(data, args.split, args.max_users or None))
     print(format_table(results))
+    if not args.baselines_only:   # HeTLM's view: the spread over users, overall and per parameter set
+        ex = results["model"]["examples"]
+        parts = [("all users", np.ones(len(ex["user"]), dtype=bool))]
+        if uc is not None:
+            parts += [(f"cluster {c}", uc[ex["user"]] == c) for c in range(int(uc.max()) + 1)]
+        print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")
+        for name, sel in parts:
+            if sel.any():
+                s = per_user_stats({k: v[sel] for k, v in ex.items()})
+                print(f"  {name} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
+                      f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
     print(f"split={args.split}, {time.time() - t0:.1f}s")
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def run(cfg):
     dev = resolve_device(cfg['device'])
 
     # 1. the shared model, the starting point of every parameter set
-    shared = run_train(cfg, 'shared')
+    shared = run_train(cfg, 'shared', cluster_scope='all')   # one set: the same model for every scope
 
     # 2. K sweep on validation NLL
     sweep, labels_of = {}, {}
@@ -177,7 +177,9 @@ def run(cfg):
         new, moved = cluster.reassign(nll, labels)
         share = moved / data.n_users
         rounds.append({'round': r, 'moved': moved, 'share': share})
-        print(f"refinement round {r}: {moved:,} of {data.n_users:,} users moved ({share:.2%})")
+        ari = ('' if data.segments is None else
+               f"; adjusted Rand index against the true segments {cluster.adjusted_rand_index(new, data.segments):.4f}")
+        print(f"refinement round {r}: {moved:,} of {data.n_users:,} users moved ({share:.2%}){ari}")
         if moved == 0:
             break
         labels = new
@@ -203,7 +205,7 @@ def run(cfg):
         print(f"\nequal-parameter single model: n_embd {single_cfg.n_embd}, {count_params(single_cfg):,} "
               f"parameters ({ratio:.3f}x the {best_k} sets), {iters} iterations")
         models['single, equal parameters'] = (run_train(cfg, f'single{best_k}', n_embd=single_cfg.n_embd,
-                                                        max_iters=iters), iters)
+                                                        max_iters=iters, cluster_scope='all'), iters)
 
     # 5. the report: per-user statistics on the test split
     report = {'ks': k_list, 'val_nll_by_k': {1: shared_val, **sweep}, 'best_k': best_k, 'rounds': rounds,

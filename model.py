@@ -91,6 +91,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(*lead, ndim)) if bias else None
 
     def forward(self, x, k=0):
+        if torch.is_tensor(k) and self.weight.dim() == 2:   # k: one set per row (B,) of a mixed batch
+            y = F.layer_norm(x, x.shape[-1:], None, None, 1e-5) * self.weight[k][:, None, :]
+            return y if self.bias is None else y + self.bias[k][:, None, :]
         w = self.weight if self.weight.dim() == 1 else self.weight[k]
         b = self.bias if self.bias is None or self.bias.dim() == 1 else self.bias[k]
         return F.layer_norm(x, w.shape, w, b, 1e-5)
@@ -288,6 +291,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
         groups = self._groups(cluster_ids, B)
+        if len(groups) > 1 and self.config.cluster_scope == 'norms':   # only the gains differ: one pass
+            return self._trunk(idx, torch.as_tensor(cluster_ids, device=idx.device).reshape(-1))
         if len(groups) > 1:
             out = None
             for rows, k in groups:

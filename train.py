@@ -474,8 +474,11 @@ def train(cfg):
             logit_bias = bias.to(dev)
     if weight is not None:
         weight = weight.to(dev)
-    groups = window_clusters(data, windows, user_clusters)   # one parameter set per batch
-    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'], groups)
+    groups = window_clusters(data, windows, user_clusters)
+    # scope 'all' (K independent models): one parameter set per batch, as fast as a single model;
+    # scopes with shared weights mix clusters in a batch, so shared weights see every cluster each step
+    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'],
+                             groups if cfg['cluster_scope'] == 'all' else None)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     if ckpt is not None:

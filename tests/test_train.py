@@ -97,7 +97,7 @@ def test_torchrun_two_processes(small_data, tmp_path):
     assert ckpt['iter_num'] == 10 and len(ckpt['rng_state']) == 2
 
 
-def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(small_data, tmp_path):
+def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(small_data, tmp_path, capsys):
     data = __import__('data').load_data(small_data)
     assignment = np.arange(data.n_users) % 3
     path = tmp_path / 'clusters.npy'
@@ -111,7 +111,10 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
     assert res['test']['gpt (best.pt)']['n'] > 0
     # evaluate.py's command line reads the assignment from the checkpoint, as train.py's report does
     from evaluate import main as evaluate_main
+    capsys.readouterr()
     evaluate_main([f"--ckpt={tmp_path / 'stage1' / 'best.pt'}", '--split=test'])
+    out = capsys.readouterr().out   # and prints the per-user spread, overall and for each of the 3 sets
+    assert 'per user' in out and 'all users' in out and all(f'cluster {c} (' in out for c in range(3))
     w = train.train_windows(data, 32)
     groups = train.window_clusters(data, w, assignment)
     for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
