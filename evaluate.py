@@ -196,13 +196,21 @@ def evaluate_model(model, data, split, block_size, device, batch_size=512, max_u
                    logit_adjust=0.0):
     """Metrics of one model; clusters (n_users,) = each user's parameter set, or None (K = 1).
     logit_adjust = tau > 0: post-hoc logit adjustment (Menon et al., 2021), rank by
-    logits - tau * log prior(page), which favours rare pages."""
-    adjust = logit_adjust * log_prior(data).to(device) if logit_adjust else None
-    def score(users, ctx_start, ctx_end):
-        cids = None if clusters is None else np.asarray(clusters)[users]
-        logits = model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
-        return logits if adjust is None else logits - adjust
-    return evaluate(data, split, {"model": score}, batch_size, max_users, seed)["model"]
+    logits - tau * log prior(page), which favours rare pages. A list of taus -> {tau: metrics},
+    all from one pass of the model (each batch's logits are shared by every tau)."""
+    taus = list(logit_adjust) if isinstance(logit_adjust, (list, tuple)) else [logit_adjust]
+    prior = log_prior(data).to(device) if any(taus) else None
+    last = {}                                    # the current batch's users and logits
+    def scorer(tau):
+        def score(users, ctx_start, ctx_end):
+            if last.get("users") is None or not np.array_equal(last["users"], users):
+                cids = None if clusters is None else np.asarray(clusters)[users]
+                last["users"] = users
+                last["logits"] = model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
+            return last["logits"] - tau * prior if tau else last["logits"]
+        return score
+    res = evaluate(data, split, {tau: scorer(tau) for tau in taus}, batch_size, max_users, seed)
+    return res if isinstance(logit_adjust, (list, tuple)) else res[taus[0]]
 
 # -----------------------------------------------------------------------------
 # baselines: most-popular and first-order Markov with back-off
@@ -323,7 +331,9 @@ def main(argv=None):
             parts += [(f"cluster {c}", uc[ex["user"]] == c) for c in range(int(uc.max()) + 1)]
         print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")
         for name, sel in parts:
-            if sel.any():
+            if not sel.any():
+                print(f"  {name} (0 users)")
+            else:
                 s = per_user_stats({k: v[sel] for k, v in ex.items()})
                 print(f"  {name} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
                       f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")

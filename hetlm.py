@@ -11,7 +11,7 @@ The steps, each one train.py / cluster.py run (their options pass through: --n_e
 1. shared: one plain GPT of the per-cluster size trained on every user (max_iters iterations).
 2. K sweep: for every K in `ks`, k-means on user vectors (`vectors`), K parameter sets that all
    start as the shared model (HeTLM warm start) trained `cluster_iters` more iterations, each
-   batch on its own cluster's set. The K with the lowest validation NLL is kept.
+   row on its own cluster's set. The K with the lowest validation NLL is kept.
 3. refinement at that K: every user moves to the set with the lowest NLL on their training
    events, the sets train `cluster_iters` more, repeated until fewer than `converge` of the users
    move (or `max_rounds`). The number moved is printed each round.

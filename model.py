@@ -170,10 +170,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     softmax of a chunk is turned into its gradient in place), so backward only scales them. Peak
     memory is one chunk, not N x V: a 200,000-page vocabulary trains in a few hundred MB.
     Under autocast the matmuls run in the autocast dtype with fp32 softmax and accumulation.
+    bias: None, (V,) for every row, or (K, V) with bias_rows (N,) choosing each row's bias (a
+    shared head with per-cluster page biases: one pass, one gradient buffer, whatever the mix).
     Returns (weighted sum, per-row losses); only the sum is differentiable."""
 
     @staticmethod
-    def forward(ctx, h, W, t, w, bias, need_grad):
+    def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None):
         N, V = h.size(0), W.size(0)
         cdt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
         with torch.autocast(h.device.type, enabled=False):
@@ -184,12 +186,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
-            gb = torch.zeros(V, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
+            gb = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
             for s in range(0, N, rows):
                 hc, tc = h[s:s + rows].to(cdt), t[s:s + rows]
                 z = (hc @ Wc.t()).float()                                  # (rows, V)
                 if bias is not None:
-                    z += bias
+                    z += bias if bias_rows is None else bias[bias_rows[s:s + rows]]
                 zt = z.gather(1, tc[:, None])
                 mx = z.amax(dim=1, keepdim=True)
                 z.sub_(mx).exp_()                                          # in place: one pass
@@ -199,8 +201,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                     wc = w[s:s + rows, None]
                     z.mul_(wc / se)
                     z.scatter_add_(1, tc[:, None], -wc)
-                    if gb is not None:
+                    if gb is not None and bias_rows is None:
                         gb += z.sum(dim=0)
+                    elif gb is not None:
+                        gb.index_add_(0, bias_rows[s:s + rows], z)
                     if cdt == torch.float32:
                         torch.mm(z, Wc, out=gh[s:s + rows])
                         gW.addmm_(z.t(), hc)
@@ -218,7 +222,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         gh, gW, gb = ctx.saved_tensors
         if gh is None:
             raise RuntimeError("ChunkedCrossEntropy: gradients were not formed (forward ran without grad)")
-        return (gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g, None
+        return (gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g, None, None
 
 
 SCOPES = ('all', 'blocks', 'norms')  # what each cluster owns: everything (K independent models),
@@ -292,7 +296,7 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
         groups = self._groups(cluster_ids, B)
         if len(groups) > 1 and self.config.cluster_scope == 'norms':   # only the gains differ: one pass
-            return self._trunk(idx, torch.as_tensor(cluster_ids, device=idx.device).reshape(-1))
+            return self._trunk(idx, torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device).reshape(-1))
         if len(groups) > 1:
             out = None
             for rows, k in groups:
@@ -353,15 +357,22 @@ class GPT(nn.Module):
         return logits, loss
 
     def _chunked_loss(self, h, t, cid, class_weight, logit_bias):
-        """The same weighted mean cross-entropy as forward's, in bounded memory (one set's head
-        per group of rows)."""
+        """The same weighted mean cross-entropy as forward's, in bounded memory: one pass with a
+        shared head (scopes 'blocks', 'norms'), else one set's head per group of rows."""
         w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
         denom = w.sum()
         if t.numel() == 0 or not denom > 0:
             return h.sum() * 0.0 + self.lm_head.weight.sum() * 0.0   # nothing to learn here: 0, not NaN
         grad = torch.is_grad_enabled()
+        groups = self._groups(cid, h.size(0))
+        if len(groups) > 1 and self.lm_head.weight.dim() == 2:   # shared head, mixed clusters: one pass
+            bias, rows = logit_bias, None
+            if self.page_bias is not None:                          # each row adds its cluster's bias
+                bias = self.page_bias if logit_bias is None else self.page_bias + logit_bias
+                rows = torch.as_tensor(cid, dtype=torch.long, device=h.device)
+            return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows)[0] / denom
         total = 0.0
-        for rows, k in self._groups(cid, h.size(0)):
+        for rows, k in groups:
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
             W = self.lm_head.weight if self.lm_head.weight.dim() == 2 else self.lm_head.weight[k]
             bias = logit_bias

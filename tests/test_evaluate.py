@@ -226,6 +226,18 @@ def test_model_scores_batched_sorted_equals_one_at_a_time(which):
         direct = model.head(model.eval().hidden_states(x, None if c is None else torch.from_numpy(c))[:, -1],
                             None if c is None else torch.from_numpy(c))
     assert torch.allclose(ref[i:i + 1], direct, atol=1e-5)
+    # logit adjustment: ranks by logits - tau * log prior; several taus from one pass give the same
+    # metrics as one call per tau
+    prior = ev.log_prior(data)
+    r1 = ev.rank_metrics(ref - 1.0 * prior, torch.from_numpy(targets))
+    many = ev.evaluate_model(model, data, "test", block_size, "cpu", batch_size=7, clusters=clusters,
+                             logit_adjust=[0.0, 1.0, 2.0])
+    assert np.array_equal(many[1.0]["examples"]["rank"], r1["rank"].numpy())
+    for tau in (0.0, 2.0):
+        one = ev.evaluate_model(model, data, "test", block_size, "cpu", batch_size=7, clusters=clusters,
+                                logit_adjust=tau)
+        assert np.array_equal(one["examples"]["rank"], many[tau]["examples"]["rank"])
+        assert one["hmean"] == many[tau]["hmean"] or (math.isnan(one["hmean"]) and math.isnan(many[tau]["hmean"]))
 
 
 def test_format_table_has_every_row_and_n():

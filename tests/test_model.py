@@ -129,7 +129,7 @@ def test_single_model_is_sized_to_the_clusterwise_parameter_count():
         assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02
 
 
-@pytest.mark.parametrize("K,scope", [(1, 'all'), (3, 'all'), (3, 'norms')])
+@pytest.mark.parametrize("K,scope", [(1, 'all'), (3, 'all'), (3, 'blocks'), (3, 'norms')])
 def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, monkeypatch):
     import model as M
     monkeypatch.setattr(M, "LOSS_CHUNK", 2000 * 16)     # 16 rows per chunk: several chunks per set
