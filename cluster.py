@@ -322,10 +322,16 @@ def refine_step(cfg, data):
     after = nll[known, labels[known]].mean()
     print(f"refinement: {moved:,} of {len(labels):,} users moved ({moved / len(labels):.2%}); mean training NLL "
           f"{before:.4f} -> {after:.4f} under {cfg['refine']} ({time.time() - t0:.1f} s)")
+    info = {'refined_from': cfg['refine'], 'k': int(model.config.n_clusters), 'moved': moved,
+            'nll_before': float(before), 'nll_after': float(after),
+            'sizes': np.bincount(labels, minlength=model.config.n_clusters).tolist(), 'n_users': len(labels),
+            'created': datetime.now(timezone.utc).isoformat(timespec='seconds')}
     if data.segments is not None:
-        print(f"adjusted Rand index against the true segments: {adjusted_rand_index(labels, data.segments):.4f}")
+        info['ari_segments'] = adjusted_rand_index(labels, data.segments)
+        print(f"adjusted Rand index against the true segments: {info['ari_segments']:.4f}")
     write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
-    print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')}; retrain with "
+    write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)   # describes the file it sits beside
+    print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')} and clusters.json; retrain with "
           f"python train.py --data_dir={cfg['data_dir']} --n_clusters={model.config.n_clusters}"
           + ("; under 1% moved: converged" if moved < 0.01 * len(labels) else ""))
     return labels, {'moved': moved, 'nll_before': float(before), 'nll_after': float(after)}

@@ -115,6 +115,18 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
     evaluate_main([f"--ckpt={tmp_path / 'stage1' / 'best.pt'}", '--split=test'])
     out = capsys.readouterr().out   # and prints the per-user spread, overall and for each of the 3 sets
     assert 'per user' in out and 'all users' in out and all(f'cluster {c} (' in out for c in range(3))
+    # cluster.py --refine rewrites the assignment and the clusters.json that describes it (on a copy)
+    import json
+    import shutil
+    import cluster
+    copy = str(tmp_path / 'data_copy')
+    shutil.copytree(small_data, copy)
+    cluster.main([f'--data_dir={copy}', f"--refine={tmp_path / 'stage1' / 'best.pt'}", '--device=cpu'])
+    labels = np.load(os.path.join(copy, 'clusters.npy'))
+    with open(os.path.join(copy, 'clusters.json')) as f:
+        info = json.load(f)
+    assert info['sizes'] == np.bincount(labels, minlength=3).tolist() and info['refined_from'].endswith('best.pt')
+    assert info['moved'] == int((labels != assignment).sum())
     w = train.train_windows(data, 32)
     groups = train.window_clusters(data, w, assignment)
     for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
