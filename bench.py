@@ -98,6 +98,18 @@ def timed(fn, n, dev):
     return time.perf_counter() - t0
 
 
+def train_step(model, optimizer, x, y, clip=0.0, autocast=None, **kw):
+    """One optimizer step as train.py takes it (chunked loss, no (N, V) logits); returns the loss."""
+    with autocast or nullcontext():
+        _, loss = model(x, y, **{'return_logits': False, **kw})
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def matmul_peak(dev, dtype, n, reps):
     """GFLOP/s of an n x n matmul (2n^3 FLOPs), from the fastest of reps: a peak, so the best
     rep, not the mean, which another job on the machine would drag down."""
@@ -160,12 +172,7 @@ def train_preset(name, dtype, cfg, dev, peak):
         autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=torch.bfloat16)
 
         def step():
-            with autocast:
-                _, loss = model(x, y, return_logits=False)          # as train.py trains
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, x, y, clip=1.0, autocast=autocast)   # as train.py trains
 
         timed(step, cfg['warmup'], dev)
         dt = timed(step, cfg['steps'], dev)
@@ -255,12 +262,8 @@ def bench_epoch(data_dir, cfg, dev):
             group['lr'] = train.get_lr(it, tc)
         x, y = get_batch(data, windows, schedule(it))
         targets += int((y != -1).sum())
-        _, loss = model(x.to(dev), y.to(dev), class_weight=None if weight is None else weight.to(dev),
-                        return_logits=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc['grad_clip'])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, x.to(dev), y.to(dev), clip=tc['grad_clip'],
+                   class_weight=None if weight is None else weight.to(dev))
     sync(dev)
     dt = time.perf_counter() - t0
     return [dict(name='epoch bms (train.py defaults)', dtype='fp32', value=dt, unit='s',
@@ -285,7 +288,7 @@ def bench_big_vocab(cfg, dev):
     need_full = 4 * B * T * V * 4 / 2 ** 20          # logits, log-softmax, and their gradients, fp32
     avail = mem_available_mb()
     for mode in ('chunked', 'full logits'):
-        train_step = mode == 'chunked' or avail is None or need_full < 0.7 * avail
+        trains = mode == 'chunked' or avail is None or need_full < 0.7 * avail
         if mode == 'full logits' and not cfg['big_vocab_full']:
             continue
         with PeakMemory(dev) as mem:
@@ -297,21 +300,17 @@ def bench_big_vocab(cfg, dev):
             optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), dev.split(':')[0])
 
             def step():
-                if not train_step:             # too big to train here: the loss alone, for the check
+                if not trains:             # too big to train here: the loss alone, for the check
                     with torch.no_grad():
                         return model(x, y, return_logits=True)[1]
-                _, loss = model(x, y, return_logits=mode == 'full logits')
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
+                return train_step(model, optimizer, x, y, return_logits=mode == 'full logits')
 
             t0 = time.perf_counter()
             losses[mode] = float(step())
             dt = time.perf_counter() - t0
-        what = 'training step' if train_step else (f'forward only: a training step needs ~{need_full / 1024:.0f} GB, '
+        what = 'training step' if trains else (f'forward only: a training step needs ~{need_full / 1024:.0f} GB, '
                                                   f'{avail / 1024:.0f} GB available')
-        rows.append(dict(name=f'tiny, {V:,} pages', dtype='fp32', value=B * T / dt if train_step else None,
+        rows.append(dict(name=f'tiny, {V:,} pages', dtype='fp32', value=B * T / dt if trains else None,
                          unit='tokens/s', mem_mb=mem.mb,
                          note=f'{mode} ({what}): loss {losses[mode]:.6f}, {dt:.1f} s'))
         del model, optimizer
@@ -372,10 +371,7 @@ def bench_clusters(cfg, dev, K=5):
 
             def step():
                 cid = torch.full((B,), it[0] % K, device=dev) if conf.n_clusters > 1 else None
-                _, loss = model(x, y, cluster_ids=cid, return_logits=False)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(model, optimizer, x, y, cluster_ids=cid)
                 it[0] += 1
 
             timed(step, K, dev)

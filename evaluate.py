@@ -119,6 +119,17 @@ def per_user_stats(examples):
             "nll_p10": f(np.percentile, nll, 10), "nll_p90": f(np.percentile, nll, 90),
             "hr@10_mean": f(np.mean, hr10), "hr@10_std": f(np.std, hr10), "hr@10_p10": f(np.percentile, hr10, 10)}
 
+def per_user_by_cluster(examples, clusters=None):
+    """{'all': per_user_stats} and, given clusters (n_users,), one 'cluster c' entry per parameter set
+    that has evaluated users (a set with none is left out)."""
+    out = {"all": per_user_stats(examples)}
+    if clusters is not None:
+        for c in range(int(clusters.max()) + 1):
+            sel = clusters[examples["user"]] == c
+            if sel.any():
+                out[f"cluster {c}"] = per_user_stats({k: v[sel] for k, v in examples.items()})
+    return out
+
 # -----------------------------------------------------------------------------
 # the evaluation set and the loop shared by every method
 
@@ -325,17 +336,14 @@ def main(argv=None):
     results.update(evaluate_baselines(data, args.split, args.max_users or None))
     print(format_table(results))
     if not args.baselines_only:   # HeTLM's view: the spread over users, overall and per parameter set
-        ex = results["model"]["examples"]
-        parts = [("all users", np.ones(len(ex["user"]), dtype=bool))]
-        if uc is not None:
-            parts += [(f"cluster {c}", uc[ex["user"]] == c) for c in range(int(uc.max()) + 1)]
+        stats = per_user_by_cluster(results["model"]["examples"], uc)
         print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")
-        for name, sel in parts:
-            if not sel.any():
-                print(f"  {name} (0 users)")
+        for name in ["all"] + ([] if uc is None else [f"cluster {c}" for c in range(int(uc.max()) + 1)]):
+            s, label = stats.get(name), "all users" if name == "all" else name
+            if s is None:
+                print(f"  {label} (0 users)")
             else:
-                s = per_user_stats({k: v[sel] for k, v in ex.items()})
-                print(f"  {name} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
+                print(f"  {label} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
                       f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
     print(f"split={args.split}, {time.time() - t0:.1f}s")
 

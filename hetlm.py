@@ -37,7 +37,7 @@ import cluster
 import train
 from configurator import ConfigError, run_main
 from data import DataError, ensure_builtin, load_data, write_atomic
-from evaluate import evaluate_model, per_user_stats
+from evaluate import evaluate_model, per_user_by_cluster
 from model import GPTConfig, count_params, load_checkpoint, matched_single_config, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -100,18 +100,6 @@ def score(ckpt_path, data, split, cfg, dev):
     m = evaluate_model(model, data, split, ck['model_args']['block_size'], dev, clusters=uc,
                        max_users=(cfg['eval_users'] or None) if split == 'val' else None, seed=cfg['seed'])
     return m, uc, ck
-
-
-def per_user(m, uc):
-    """Per-user stats overall and per cluster (users grouped by their set)."""
-    ex = m['examples']
-    out = {'all': per_user_stats(ex)}
-    if uc is not None:
-        for c in range(int(uc.max()) + 1):
-            sel = uc[ex['user']] == c
-            if sel.any():
-                out[f'cluster {c}'] = per_user_stats({key: v[sel] for key, v in ex.items()})
-    return out
 
 
 def user_vectors(cfg, data, shared, dev):
@@ -217,7 +205,7 @@ def run(cfg):
     print(head)
     for name, (path, iters) in models.items():
         m, uc, ck = score(path, data, 'test', cfg, dev)
-        stats = per_user(m, uc)
+        stats = per_user_by_cluster(m['examples'], uc)
         n_par = count_params(GPTConfig(**ck['model_args']))
         report['models'][name] = {'checkpoint': path, 'params': n_par, 'iters': iters, 'ndcg@10': m['ndcg@10'],
                                   'stats': stats}

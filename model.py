@@ -358,27 +358,22 @@ class GPT(nn.Module):
 
     def _chunked_loss(self, h, t, cid, class_weight, logit_bias):
         """The same weighted mean cross-entropy as forward's, in bounded memory: one pass with a
-        shared head (scopes 'blocks', 'norms'), else one set's head per group of rows."""
+        shared head, else (scope 'all') one set's head per group of rows."""
         w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
         denom = w.sum()
         if t.numel() == 0 or not denom > 0:
             return h.sum() * 0.0 + self.lm_head.weight.sum() * 0.0   # nothing to learn here: 0, not NaN
         grad = torch.is_grad_enabled()
-        groups = self._groups(cid, h.size(0))
-        if len(groups) > 1 and self.lm_head.weight.dim() == 2:   # shared head, mixed clusters: one pass
+        if self.lm_head.weight.dim() == 2:   # one head for every row (K = 1, 'blocks', 'norms'): one pass
             bias, rows = logit_bias, None
             if self.page_bias is not None:                          # each row adds its cluster's bias
                 bias = self.page_bias if logit_bias is None else self.page_bias + logit_bias
                 rows = torch.as_tensor(cid, dtype=torch.long, device=h.device)
             return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows)[0] / denom
         total = 0.0
-        for rows, k in groups:
+        for rows, k in self._groups(cid, h.size(0)):                # 'all': each set's own head
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
-            W = self.lm_head.weight if self.lm_head.weight.dim() == 2 else self.lm_head.weight[k]
-            bias = logit_bias
-            if self.page_bias is not None:
-                bias = self.page_bias[k] if bias is None else self.page_bias[k] + bias
-            total = total + ChunkedCrossEntropy.apply(hk, W, tk, wk, bias, grad)[0]
+            total = total + ChunkedCrossEntropy.apply(hk, self.lm_head.weight[k], tk, wk, logit_bias, grad)[0]
         return total / denom
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -434,8 +429,6 @@ def expand_state(state, model):
             out[name] = src
         elif src.shape == want.shape[1:]:
             out[name] = src.unsqueeze(0).expand_as(want).clone()
-        elif src.dim() == want.dim() and src.shape[1:] == want.shape[1:] and src.shape[0] == 1:
-            out[name] = src.expand_as(want).clone()
         else:
             raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(want.shape)}")
     return out
