@@ -48,3 +48,29 @@ def test_bad_k_list_is_one_line_error(tmp_path, capsys):
         hetlm.main([f'--out_dir={tmp_path}', '--ks=1,x'])
     err = capsys.readouterr().err
     assert err.startswith('error:') and err.count('\n') == 1
+
+
+def test_oracle_clusters_compares_true_segments_kmeans_and_random(tmp_path, capsys):
+    import oracle_clusters
+    import train
+    from data import load_data
+    data_dir = str(tmp_path / 'shop')
+    make_builtin(data_dir, n_users=200)
+    seg = load_data(data_dir).segments
+    runs = {}
+    for name, labels in (('true', seg), ('kmeans', (seg + (np.arange(200) % 7 == 0)) % 5),
+                         ('random', np.random.default_rng(0).integers(0, 5, 200))):
+        np.save(tmp_path / f'{name}.npy', labels.astype(np.int64))
+        cfg = dict(train.DEFAULTS, data_dir=data_dir, out_dir=str(tmp_path / name), max_iters=4, eval_interval=4,
+                   log_interval=4, batch_tokens=512, block_size=32, n_layer=1, n_embd=16, warmup_iters=1,
+                   eval_users=50, final_eval=False, n_clusters=5, cluster_scope='norms', clusters=str(tmp_path / f'{name}.npy'))
+        train.train(cfg)
+        runs[name] = str(tmp_path / name / 'stage1' / 'ckpt.pt')
+    capsys.readouterr()
+    oracle_clusters.main([f'--{k}={v}' for k, v in runs.items()] + ['--device=cpu'])
+    out = capsys.readouterr().out
+    misplaced = int((np.arange(200) % 7 == 0).sum())   # every 7th user moved to the next segment's cluster
+    assert "k-means puts " in out and 'true vs random split' in out and 'kmeans vs random split' in out
+    assert 'adjusted Rand index' in out and 'users on lowest NLL' in out and 'random split:' in out
+    n_eval = int(out.split('k-means puts ')[1].split(' of')[0].replace(',', ''))
+    assert 0 < n_eval <= misplaced
