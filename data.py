@@ -242,24 +242,48 @@ def events(path, fmt, uid, pid, users, pages, time=None, session=None):
 # -----------------------------------------------------------------------------
 # prepare: sessions, leave-last-out split, tokenizer on the training part, anchors, atomic write
 
-def anchor_split(counts, anchor_share=0.01, anchor_mass=0.0):
+ANCHOR_MIN_HELD, ANCHOR_FALLBACK_MASS = 0.1, 0.5   # see anchor_split
+
+
+def anchor_split(counts, anchor_share=0.01, anchor_mass=0.0, min_held=ANCHOR_MIN_HELD,
+                 fallback_mass=ANCHOR_FALLBACK_MASS):
     """BehaviorLM's anchor set from per-token training-target counts (V,).
 
     share rule (default): pages whose share of training page-targets exceeds anchor_share.
     mass rule (anchor_mass > 0): the smallest set of most frequent pages holding >= anchor_mass.
+    fallback: with thousands of pages few or no pages pass 1% (UCI Online Retail: none of 3,661),
+    which leaves no anchors; when the share rule's anchors hold less than `min_held` of the
+    targets, the mass rule at `fallback_mass` is used instead (rule 'mass (fallback)'), so the
+    anchor set is empty only for a log with no page targets at all.
     Special tokens are never anchors and are not in the total. Returns (ids, rule, share held)."""
     counts = np.asarray(counts, dtype=np.int64).copy()
     counts[:N_SPECIAL] = 0
     total = counts.sum()
     if total == 0:
         return np.zeros(0, dtype=np.int64), ("mass" if anchor_mass > 0 else "share"), 0.0
-    if anchor_mass > 0:
+    rule, mass = ("mass", anchor_mass) if anchor_mass > 0 else ("share", 0.0)
+    if rule == "share":
+        ids = np.flatnonzero(counts > anchor_share * total)
+        if counts[ids].sum() < min_held * total:
+            rule, mass = "mass (fallback)", fallback_mass
+    if mass > 0:
         order = np.argsort(-counts, kind="stable")  # most frequent first, ties by id
-        k = int(np.searchsorted(np.cumsum(counts[order]), anchor_mass * total - 1e-9)) + 1
-        ids, rule = np.sort(order[:min(k, int((counts > 0).sum()))]), "mass"
-    else:
-        ids, rule = np.flatnonzero(counts > anchor_share * total), "share"
+        k = int(np.searchsorted(np.cumsum(counts[order]), mass * total - 1e-9)) + 1
+        ids = np.sort(order[:min(k, int((counts > 0).sum()))])
     return ids.astype(np.int64), rule, float(counts[ids].sum() / total)
+
+
+def describe_anchors(a):
+    """One line on meta['anchor']: which rule won, how many anchors, their share of targets."""
+    if a["rule"] == "share":
+        rule = f"share > {a['anchor_share']}"
+    elif a["rule"] == "mass":
+        rule = f"top pages holding >= {a['anchor_mass']:.0%}"
+    else:  # no page passed the share rule with enough mass
+        rule = (f"fallback: pages over {a['anchor_share']} held under {a['min_held']:.0%} of targets, "
+                f"so the top pages holding >= {a['fallback_mass']:.0%}")
+    return (f"anchors ({rule}): {a['n_anchors']:,} of {a.get('n_pages', 0):,} pages holding {a['share']:.1%} "
+            f"of training targets; tail: the other pages")
 
 
 def sessions_of(ev, session_gap):
@@ -364,6 +388,7 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
             "val_unk_rate": float((tokens[val_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
             "test_unk_rate": float((tokens[test_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
             "anchor": {"rule": rule, "anchor_share": anchor_share, "anchor_mass": anchor_mass,
+                       "min_held": ANCHOR_MIN_HELD, "fallback_mass": ANCHOR_FALLBACK_MASS, "n_pages": tok.vocab_size - N_SPECIAL,
                        "ids": anchor_ids.tolist(), "n_anchors": len(anchor_ids), "share": held},
             "settings": settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -500,17 +525,18 @@ SEGMENTS = [  # the ground truth of the simulated shop (see simulate_site); weig
 ]
 
 
-def builtin_pages():
-    return (HUBS + [f"c/{c}" for c in CATEGORIES] + [f"p/{c}/{k}" for c in CATEGORIES for k in range(N_ITEMS)]
+def builtin_pages(n_items=N_ITEMS):
+    return (HUBS + [f"c/{c}" for c in CATEGORIES] + [f"p/{c}/{k}" for c in CATEGORIES for k in range(n_items)]
             + [f"p/{c}/{k}/reviews" for c in CATEGORIES for k in range(N_REVIEWED)])
 
 
-def companion(k):
-    """Item k's companion (think: camera -> its lens): a tail item (20..39) of the same category."""
-    return 20 + (7 * k + 3) % 20
+def companion(k, n_items=N_ITEMS):
+    """Item k's companion (think: camera -> its lens): a tail item (20..39 of 40) of the same category."""
+    half = n_items // 2
+    return half + (7 * k + 3) % half
 
 
-def simulate_site(n_users=5000, seed=1337):
+def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
     """Simulated shop log: rows (user, epoch seconds, page) and the ground-truth segment of each user.
 
     Ground truth (what a model can learn, and why a GPT with context beats first-order Markov):
@@ -529,7 +555,10 @@ def simulate_site(n_users=5000, seed=1337):
       search leads to an item of the category browsed before the search; cart and wishlist lead
       to checkout or back to the category page of the item put there; purchase ends the session
       70% of the time.
-    - Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes."""
+    - Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes.
+    Other shapes (the defaults give the built-in shop): n_items per category scales the catalogue
+    (companions are items n/2..n-1, new arrivals the last quarter); session_scale scales each
+    segment's mean number of sessions (0.25: mostly one session per user, short histories)."""
     rng = np.random.default_rng(seed)
     def uniforms():  # scalar draws from a seeded stream, fast
         while True:
@@ -537,7 +566,8 @@ def simulate_site(n_users=5000, seed=1337):
     U = uniforms()
     cum = lambda w: (np.cumsum(w) / np.sum(w)).tolist()
     draw = lambda c: min(bisect(c, next(U)), len(c) - 1)  # index drawn with cumulative weights c
-    zipf_item, flat_item = cum(1 / np.arange(1, N_ITEMS + 1) ** 1.1), cum(1 / np.arange(1, N_ITEMS + 1) ** 0.5)
+    newest = n_items - n_items // 4
+    zipf_item, flat_item = cum(1 / np.arange(1, n_items + 1) ** 1.1), cum(1 / np.arange(1, n_items + 1) ** 0.5)
     seg_of = np.minimum(np.searchsorted(np.cumsum([s["share"] for s in SEGMENTS]), rng.random(n_users)),
                         len(SEGMENTS) - 1)
     item = lambda c, k: (f"p/{CATEGORIES[c]}/{k}", c, k)      # a page is (name, category, item)
@@ -549,7 +579,7 @@ def simulate_site(n_users=5000, seed=1337):
         cats = cum([seg["likes"].get(c, .2) if seg["likes"] else 1 for c in CATEGORIES])
         land, home, acts = cum(seg["land"]), cum(seg["home"]), cum(seg["item"])
         t = float(t_first[u])
-        for _ in range(1 + rng.poisson(seg["sessions"] - 1)):
+        for _ in range(1 + rng.poisson(max(0.0, seg["sessions"] * session_scale - 1))):
             page = [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)), hub("new-arrivals")][draw(land)]
             hist = []
             while True:
@@ -566,8 +596,8 @@ def simulate_site(n_users=5000, seed=1337):
                             hub("account" if next(U) < .6 else "help"), hub("new-arrivals")][a]
                 elif name == "deals":  # sale items 8, 13, 17 of a liked category
                     page = item(draw(cats), (8, 13, 17)[min(int(3 * next(U)), 2)])
-                elif name == "new-arrivals":  # the newest items, 30..39: tail pages
-                    page = item(draw(cats), 30 + min(int(10 * next(U)), 9))
+                elif name == "new-arrivals":  # the newest items, the last quarter (30..39 of 40): tail pages
+                    page = item(draw(cats), newest + min(int((n_items - newest) * next(U)), n_items - newest - 1))
                 elif name.startswith("c/"):
                     page = item(c, draw(zipf_item))
                 elif name == "search":  # an item of the category browsed before the search
@@ -576,13 +606,13 @@ def simulate_site(n_users=5000, seed=1337):
                     a = next(U)
                     page = item(c, k) if a < .5 else hub("cart", c, k) if a < .85 else hub("search", c)
                 elif name.startswith("p/"):
-                    if prev[2] is not None and prev[1] == c and companion(prev[2]) == k and next(U) < .4:
+                    if prev[2] is not None and prev[1] == c and companion(prev[2], n_items) == k and next(U) < .4:
                         page = prev  # back from the companion to the item it came from
                         continue
                     a = draw(acts)
                     if a == 2 and k >= N_REVIEWED:
                         a = 0
-                    page = [item(c, draw(zipf_item)), item(c, companion(k)), hub(f"{name}/reviews", c, k),
+                    page = [item(c, draw(zipf_item)), item(c, companion(k, n_items)), hub(f"{name}/reviews", c, k),
                             hub("cart", c, k), hub("wishlist", c, k), category(c), hub("search", c), hub("home")][a]
                 elif name in ("cart", "wishlist"):  # checkout, or back to the category of the item put there
                     go = next(U) < (seg["checkout"] if name == "cart" else .1)
@@ -595,11 +625,11 @@ def simulate_site(n_users=5000, seed=1337):
     return rows, seg_of.astype(np.int64)
 
 
-def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000):
+def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0):
     """Simulate the shop, write data_dir/events.csv.gz (user,time,page), prepare it through the
     ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
     segment per user index). Returns meta."""
-    rows, segments = simulate_site(n_users, seed)  # n_users: smaller copies for tests
+    rows, segments = simulate_site(n_users, seed, n_items, session_scale)  # smaller copies for tests, other shapes
     os.makedirs(data_dir, exist_ok=True)
     for name in ("meta.json", "segments.npy"):  # the folder is "not built" until both exist again
         if os.path.exists(os.path.join(data_dir, name)):
@@ -625,14 +655,11 @@ def ensure_builtin(data_dir="data/builtin"):
 
 
 def summary(meta):
-    a = meta["anchor"]
-    rule = f"share > {a['anchor_share']}" if a["rule"] == "share" else f"top pages holding >= {a['anchor_mass']}"
     return (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test), "
             f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n"
             f"pages: {meta['n_pages']:,} in the training vocabulary (of {meta['n_pages_in_input']:,} in the input); "
             f"unk rate val {meta['val_unk_rate']:.4f} test {meta['test_unk_rate']:.4f}\n"
-            f"anchors ({rule}): {a['n_anchors']} pages holding {a['share']:.1%} of training targets; "
-            f"prepared in {meta['seconds']:.1f} s")
+            f"{describe_anchors(meta['anchor'])}; prepared in {meta['seconds']:.1f} s")
 
 
 def main(argv=None):
@@ -651,12 +678,15 @@ def main(argv=None):
     p.add_argument("--anchor_share", type=float, default=0.01)
     p.add_argument("--anchor_mass", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1337, help="built-in dataset only")
+    p.add_argument("--n_users", type=int, default=5000, help="built-in dataset only: simulated users")
+    p.add_argument("--n_items", type=int, default=N_ITEMS, help="built-in dataset only: items per category (8 categories)")
+    p.add_argument("--session_scale", type=float, default=1.0, help="built-in dataset only: x mean sessions per user")
     args = p.parse_args(argv)
     if args.builtin == bool(args.input):
         p.error("give an INPUT file or --builtin (one of them)")
     try:
         if args.builtin:
-            meta = make_builtin(args.out_dir or "data/builtin", args.seed)
+            meta = make_builtin(args.out_dir or "data/builtin", args.seed, args.n_users, args.n_items, args.session_scale)
         else:
             if not args.out_dir:
                 p.error("--out_dir is required with an INPUT file")

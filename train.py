@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from configurator import ConfigError, run_main
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, resolve_device
-from data import DataError, load_data, ensure_builtin, train_windows, get_batch
+from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
 
 # -----------------------------------------------------------------------------
@@ -404,9 +404,7 @@ def train(cfg):
         both = 0 < a['n_anchors'] < data.vocab_size - 4
         cfg['best_metric'] = 'hmean' if cfg['stage'] == 2 and both else 'ndcg@10'
     if master:
-        rule = f"share > {a['anchor_share']}" if a['rule'] == 'share' else f"top pages holding {a['anchor_mass']:.0%}"
-        print(f"anchors ({rule}): {a['n_anchors']} of {data.vocab_size - 4:,} pages, "
-              f"{a['share']:.1%} of training targets; tail: the other pages")
+        print(describe_anchors({'n_pages': data.vocab_size - 4, **a}))
 
     stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
     ckpt_path, best_path = os.path.join(stage_dir, 'ckpt.pt'), os.path.join(stage_dir, 'best.pt')

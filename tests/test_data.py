@@ -231,3 +231,14 @@ def test_builtin_dataset(tmp_path):
     assert max(rates) > 3 * min(rates)  # segment-dependent outcome
     with gzip.open(tmp_path / "builtin" / "events.csv.gz", "rt") as f:
         assert f.readline().strip() == "user,time,page"
+
+
+def test_anchor_fallback_when_no_page_passes_the_share():
+    # 100 pages of 1% each (none passes > 1%): the share rule would leave no anchors
+    counts = np.r_[np.zeros(4, dtype=np.int64), np.full(100, 10)]
+    ids, rule, share = anchor_split(counts, anchor_share=0.01)
+    assert rule == "mass (fallback)" and len(ids) == 50 and abs(share - 0.5) < 1e-9
+    # a page that does pass, holding enough: no fallback
+    counts = np.r_[np.zeros(4, dtype=np.int64), [500], np.full(100, 5)]
+    ids, rule, _ = anchor_split(counts, anchor_share=0.01)
+    assert rule == "share" and ids.tolist() == [4]
