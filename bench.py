@@ -184,13 +184,20 @@ def train_preset(name, dtype, cfg, dev, peak):
                      f'{flops / 1e6:.2f} MFLOP/token, {1e3 * dt / cfg["steps"]:.1f} ms/step')
 
 
-def default_model(data, dev, dropout=0.0):
-    """A random-init model at train.py's default shape over this dataset's vocabulary."""
+def default_config(data):
+    """train.py's config for this dataset as a run with no flags derives it (recipe.py)."""
     import train
+    from recipe import data_stats, derive
+    return derive(dict(train.DEFAULTS), data_stats(data))[0]
+
+
+def default_model(data, dev, dropout=0.0):
+    """A random-init model at the shape train.py picks for this dataset with no flags."""
     from model import GPT, GPTConfig
-    torch.manual_seed(train.seed)
-    return GPT(GPTConfig(block_size=train.block_size, vocab_size=data.vocab_size, n_layer=train.n_layer,
-                         n_head=train.n_head, n_embd=train.n_embd, dropout=dropout)).to(dev).eval()
+    tc = default_config(data)
+    torch.manual_seed(tc['seed'])
+    return GPT(GPTConfig(block_size=tc['block_size'], vocab_size=data.vocab_size, n_layer=tc['n_layer'],
+                         n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout)).to(dev).eval()
 
 
 def bench_prepare(path):
@@ -243,10 +250,11 @@ def bench_msnbc(data_dir, cfg, dev):
 
 
 def bench_epoch(data_dir, cfg, dev):
-    """One stage-1 epoch on a dataset at train.py's default config (dropout, tail weights, lr schedule)."""
+    """One stage-1 epoch on a dataset at the config train.py derives for it (dropout, tail weights, lr schedule)."""
     import train
     from data import load_data, train_windows, get_batch
-    data, tc = load_data(data_dir), dict(train.DEFAULTS)
+    data = load_data(data_dir)
+    tc = default_config(data)
     model = default_model(data, dev, tc['dropout']).train()
     windows = train_windows(data, tc['block_size'])
     schedule = train.BatchSchedule(windows[:, 1] - windows[:, 0], tc['batch_tokens'], 0, 1, tc['seed'])
@@ -355,9 +363,8 @@ def bench_clusters(cfg, dev, K=5):
     train.py batches) vs one plain GPT sized to the same parameter count (HeTLM's comparison)."""
     import train
     from model import GPT, GPTConfig, count_params, matched_single_config
-    T, V, B = train.block_size, 438, train.batch_tokens // train.block_size   # the built-in data's vocabulary
-    base = GPTConfig(block_size=T, vocab_size=V, n_layer=train.n_layer, n_head=train.n_head, n_embd=train.n_embd,
-                     dropout=0.0, n_clusters=K)
+    T, V, B = 64, 438, 4096 // 64      # the shape train.py derives for the built-in data, its vocabulary
+    base = GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=64, dropout=0.0, n_clusters=K)
     single, _ = matched_single_config(base)
     data = torch.randint(4, V, (B, T + 1), generator=torch.Generator().manual_seed(cfg['seed']))
     x, y = data[:, :-1].to(dev), data[:, 1:].to(dev)

@@ -38,6 +38,7 @@ import train
 from configurator import ConfigError, run_main
 from data import DataError, ensure_builtin, load_data, write_atomic
 from evaluate import evaluate_model, per_user_by_cluster
+from recipe import data_stats, derive, describe
 from model import GPTConfig, count_params, load_checkpoint, matched_single_config, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -53,7 +54,9 @@ controls = True                # also train the random-split and equal-parameter
 # -----------------------------------------------------------------------------
 OWN = {k: v for k, v in dict(globals()).items()
        if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-DEFAULTS = {**train.DEFAULTS, 'tail_weight': 1.0, 'best_metric': 'nll', 'final_eval': False, **OWN}
+# the comparisons need runs of fixed length: no time budget, no early stop (the controls train as long)
+DEFAULTS = {**train.DEFAULTS, 'tail_weight': 1.0, 'best_metric': 'nll', 'final_eval': False, 'time_budget': 0.0,
+            'patience': 0, **OWN}
 
 
 def train_cfg(cfg, name, **over):
@@ -135,6 +138,9 @@ def run(cfg):
     if os.path.normpath(cfg['data_dir']) == os.path.normpath(train.DEFAULTS['data_dir']):
         ensure_builtin(cfg['data_dir'])
     data = load_data(cfg['data_dir'])
+    stats = data_stats(data)
+    cfg, reasons = derive(cfg, stats)   # settings from the data, once: every run of the pipeline shares them
+    print(describe(reasons, stats))
     if k_list[-1] > data.n_users:
         raise ConfigError(f"--ks={cfg['ks']}: more clusters than the {data.n_users:,} users")
     os.makedirs(cfg['out_dir'], exist_ok=True)

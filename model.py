@@ -238,6 +238,7 @@ class GPT(nn.Module):
             raise ValueError(f"n_clusters={config.n_clusters}, cluster_scope={config.cluster_scope!r}: "
                              f"need n_clusters >= 1 and a scope in {SCOPES}")
         self.config = config
+        self.last_nll = None   # plain NLL of the last chunked loss (forward's docstring)
         K = config.n_clusters
         scope = config.cluster_scope
         k_emb = K if scope == 'all' else 1                     # embeddings and head
@@ -338,7 +339,8 @@ class GPT(nn.Module):
         logit_bias (V,): added to the logits inside the loss only (training on a re-sampled subset
         while keeping the data's prior, as the balanced softmax of Ren et al., 2020).
         return_logits=False (training): the loss is computed in row chunks (ChunkedCrossEntropy)
-        and the (N, V) logits are never materialized; logits is then None."""
+        and the (N, V) logits are never materialized; logits is then None, and self.last_nll
+        holds the batch's plain (unweighted) NLL, for logging beside a weighted loss."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
             return self.head(h, cluster_ids), None          # (B, T, V)
@@ -369,11 +371,15 @@ class GPT(nn.Module):
             if self.page_bias is not None:                          # each row adds its cluster's bias
                 bias = self.page_bias if logit_bias is None else self.page_bias + logit_bias
                 rows = torch.as_tensor(cid, dtype=torch.long, device=h.device)
-            return ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows)[0] / denom
-        total = 0.0
+            total, losses = ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows)
+            self.last_nll = losses.mean()
+            return total / denom
+        total, nll = 0.0, 0.0
         for rows, k in self._groups(cid, h.size(0)):                # 'all': each set's own head
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
-            total = total + ChunkedCrossEntropy.apply(hk, self.lm_head.weight[k], tk, wk, logit_bias, grad)[0]
+            part, losses = ChunkedCrossEntropy.apply(hk, self.lm_head.weight[k], tk, wk, logit_bias, grad)
+            total, nll = total + part, nll + losses.sum()
+        self.last_nll = nll / t.numel()
         return total / denom
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from configurator import ConfigError, run_main
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
+from recipe import AUTO, data_stats, derive, describe
 from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
 
 # -----------------------------------------------------------------------------
@@ -54,35 +55,42 @@ stage = 1                      # curriculum stage: 1 = anchor stage, 2 = balance
 init_from = 'scratch'          # 'scratch', 'resume' (from out_dir/stage{stage}/ckpt.pt), or a checkpoint
                                #   path whose weights start a new run: a 1-set model is copied into
                                #   every cluster's set (HeTLM warm start; hetlm.py uses it)
-eval_interval = 250            # iterations between validation runs (and checkpoints)
+eval_interval = 0              # iterations between validation runs (and checkpoints); 0 = about 20 per run
 log_interval = 50              # iterations between log lines
 eval_users = 2000              # validation users scored at each eval (0 = all); final eval uses all
 best_metric = 'auto'           # validation metric that picks best.pt ('nll' lower, others higher);
                                #   auto: ndcg@10 in stage 1, hmean (anchor/tail accuracy) in stage 2
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when best improves
 final_eval = True              # score best.pt on val and test at the end (tables, results.json)
+# Settings marked "data" are derived from the prepared dataset when left at 0 (-1 where 0 is a
+# real value) by the rules in recipe.py, printed at start with their reasons and stored in the
+# checkpoint; a value set here, on the command line or in a config file is used as given.
 # data
-batch_tokens = 4096            # micro-batch size per process, in padded tokens (rows x longest row)
-block_size = 64                # longest context in tokens; longer histories are cut into windows
+batch_tokens = 0               # data: micro-batch size per process, in padded tokens (rows x longest row)
+block_size = 0                 # data: longest context in tokens; longer histories are cut into windows
 gradient_accumulation_steps = 1
 # model
-n_layer = 2
-n_head = 2
-n_embd = 64
-dropout = 0.1
+n_layer = 0                    # data
+n_head = 0                     # data
+n_embd = 0                     # data
+dropout = -1.0                 # data
 bias = False
 # AdamW
-learning_rate = 3e-3           # peak learning rate
-max_iters = 2000
+learning_rate = 0.0            # data: peak learning rate
+max_iters = 0                  # data: from `epochs`; the time budget may shorten it
+epochs = 40                    # passes over the training tokens that max_iters is derived from
+time_budget = 10.0             # minutes of training (validations included) a run may take; 0 = no limit.
+                               #   The schedule is re-planned to end, decay included, within it
+patience = 5                   # stop after this many validations without a better best_metric; 0 = never
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0                # 0 = no clipping
 # learning-rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
-warmup_iters = 100
+warmup_iters = -1              # data
 lr_decay_iters = 0             # 0 = max_iters
-min_lr = 3e-4
+min_lr = -1.0                  # data
 # curriculum (BehaviorLM): stage 1 weights tail targets, stage 2 fine-tunes on a balanced subset
 tail_weight = 0.5              # stage 1: loss weight of tail targets (anchors and <eos> weigh 1); 0.5
                                #   was chosen on validation after stage 2; the README's re-run of that
@@ -227,9 +235,14 @@ BEST_METRICS = set(COLUMNS) | {'hmean', 'macro_recall'}
 def check_config(cfg):
     """One-line errors for settings that would otherwise fail deep inside a run."""
     for k in ('max_iters', 'eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_tokens',
-              'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd'):
-        if cfg[k] < 1:
-            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
+              'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd', 'epochs'):
+        if cfg[k] < 1 and cfg[k] != AUTO.get(k):
+            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer" + (" (0: from the data)" if k in AUTO else ""))
+    for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters'):
+        if cfg[k] < 0 and cfg[k] != AUTO[k]:
+            raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
+    if cfg['time_budget'] < 0 or cfg['patience'] < 0:
+        raise ConfigError(f"--time_budget={cfg['time_budget']} --patience={cfg['patience']}: must be >= 0 (0 = off)")
     if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
         raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
     if cfg['stage'] not in (1, 2):
@@ -360,31 +373,59 @@ def stage2_windows(data, cfg, ref_model, device, master, user_clusters=None):
     return np.stack([start, pos[chosen] + 1], axis=1), bias
 
 
+def setup_distributed(cfg):
+    """torchrun sets RANK/WORLD_SIZE: nanoGPT's recipe, gloo on CPU. -> (ddp, rank, world, device)"""
+    dev = resolve_device(cfg['device'])
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, dev
+    from torch.distributed import init_process_group
+    rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    if dev.startswith('cuda'):
+        dev = f'cuda:{local_rank}'
+        torch.cuda.set_device(dev)
+    init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+    if dev == 'cpu':  # share the cores between the processes of this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
+    return True, rank, world, dev
+
+
+def fill_settings(cfg, data, prior, master):
+    """Settings left "from the data" (recipe.AUTO): those of the run we continue (prior: its
+    checkpoint, on resume or in stage 2), else derived by recipe.derive and printed with their
+    reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data)."""
+    reasons = []
+    if prior is not None:
+        inherited = {k for k, _, _ in prior.get('derived', [])}
+        reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
+        for k, auto in AUTO.items():
+            if cfg[k] == auto and (k in inherited or prior['config'][k] != auto):
+                cfg[k] = prior['config'][k]
+    if any(cfg[k] == auto for k, auto in AUTO.items()):
+        stats = data_stats(data)
+        cfg, new = derive(cfg, stats)
+        reasons += new
+        if master:
+            print(describe(new, stats))
+    return cfg, [list(r) for r in reasons]
+
+
+def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
+    """A shorter run when the plan would overrun the time budget: the largest max_iters whose
+    iterations and validations fit in sec_left, with the cosine decay re-aimed at it (so the
+    learning rate still ends at min_lr, not mid-peak). Returns the new max_iters, or None."""
+    left = cfg['max_iters'] - iter_num
+    if left * sec_per_iter + left / cfg['eval_interval'] * sec_per_eval <= 1.02 * sec_left:
+        return None
+    evals = min(20, left / cfg['eval_interval'])                      # validations still to come
+    its = int(max(0.0, sec_left - evals * sec_per_eval) / sec_per_iter)
+    return iter_num + max(1, its)
+
+
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns a dict of results (master process)."""
-
     check_config(cfg)
     cfg = dict(cfg)
-    if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
-        cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
-                   max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
-                   lr_decay_iters=0)
-
-    # distributed setup (torchrun sets RANK/WORLD_SIZE): nanoGPT's recipe, gloo on CPU
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = resolve_device(cfg['device'])
-    if ddp:
-        from torch.distributed import init_process_group
-        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-        world = int(os.environ['WORLD_SIZE'])
-        if dev.startswith('cuda'):
-            dev = f'cuda:{local_rank}'
-            torch.cuda.set_device(dev)
-        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-        if dev == 'cpu':  # share the cores between the processes of this machine
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, dev = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if dev.startswith('cuda') else ('mps' if dev.startswith('mps') else 'cpu')
     torch.manual_seed(cfg['seed'] + rank)
@@ -411,9 +452,8 @@ def train(cfg):
     if master:
         os.makedirs(stage_dir, exist_ok=True)
 
-    # model (+ optimizer): from scratch, from stage 1 (stage 2), or resumed
-    iter_num, best_val, best_metrics = 0, None, {}
-    ckpt, ref_model = None, None
+    # the run we continue, if any: stage 1's best model (stage 2), or our own latest checkpoint (resume)
+    ckpt, ref_model, s1 = None, None, None
     if cfg['stage'] == 2:  # stage 1's best model: the starting point, the difficulty scorer, the KL reference
         src = cfg['stage1_ckpt'] or os.path.join(cfg['out_dir'], 'stage1', 'best.pt')
         if not os.path.isfile(src):
@@ -424,9 +464,6 @@ def train(cfg):
             raise ConfigError(f"--stage=2: {src} was trained on another vocabulary than {cfg['data_dir']}")
         for p in ref_model.parameters():
             p.requires_grad_(False)
-        for k in MODEL_KEYS:
-            cfg[k] = s1['model_args'].get(k, DEFAULTS[k])
-        user_clusters = None if s1.get('clusters') is None else s1['clusters'].numpy()
         if master:
             print(f"stage 2 starts from {src} (iteration {s1['iter_num']})")
     if cfg['init_from'] == 'resume':
@@ -435,32 +472,31 @@ def train(cfg):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         if ckpt['tokenizer']['pages'] != data.tokenizer.pages:
             raise ConfigError(f"--init_from=resume: {ckpt_path} was trained on another vocabulary than {cfg['data_dir']}")
-        model_args = ckpt['model_args']
-        for k in MODEL_KEYS:  # the architecture comes from the checkpoint
-            cfg[k] = model_args.get(k, DEFAULTS[k])
-        user_clusters = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
+    prior = ckpt or s1
+    if prior is not None:  # the architecture comes from the checkpoint
+        for k in MODEL_KEYS:
+            cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
+    if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
+        cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
+    cfg, derived = fill_settings(cfg, data, prior, master)
+    if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
+        cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
+                   max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
+                   lr_decay_iters=0)
+    check_config(cfg)
+    if prior is None:
+        user_clusters = load_clusters(cfg, data)
     else:
-        model_args = dict(block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'],
-                          n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
-                          n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
-        if cfg['stage'] == 1:
-            user_clusters = load_clusters(cfg, data)
+        user_clusters = None if prior.get('clusters') is None else prior['clusters'].numpy()
+
+    model_args = dict(block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'],
+                      n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
+                      n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
     model = GPT(GPTConfig(**model_args)).to(dev)
     if ckpt is None and ref_model is not None:
         model.load_state_dict(ref_model.state_dict())
     if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
-        src = torch.load(cfg['init_from'], map_location='cpu', weights_only=True)
-        if src['tokenizer']['pages'] != data.tokenizer.pages:
-            raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")
-        try:
-            model.load_state_dict(expand_state(src['model'], model))
-        except ValueError as e:
-            raise ConfigError(f"--init_from={cfg['init_from']}: does not fit this model ({e}); "
-                              "use the same n_layer/n_head/n_embd/block_size/bias") from None
-        if master:
-            print(f"weights from {cfg['init_from']} (iteration {src['iter_num']}, "
-                  f"{src['model_args'].get('n_clusters', 1)} set(s)) -> {cfg['n_clusters']} set(s)")
-        del src
+        warm_start(model, cfg, data, master)
     logit_bias = None
     if cfg['stage'] == 1:
         windows = train_windows(data, cfg['block_size'])
@@ -479,10 +515,12 @@ def train(cfg):
                              groups if cfg['cluster_scope'] == 'all' else None)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
+    iter_num, best_val, best_metrics, best_iter, elapsed_before = 0, None, {}, 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
+        best_iter, elapsed_before = ckpt.get('best_iter', iter_num), ckpt.get('elapsed', 0.0)
         torch.set_rng_state(ckpt['rng_state'][rank % len(ckpt['rng_state'])])
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -500,6 +538,12 @@ def train(cfg):
               f"{data.vocab_size:,} tokens in the vocabulary, {len(windows):,} training windows")
         print(f"model: {raw_model.get_num_params() / 1e6:.3f}M parameters; device {dev}, dtype {cfg['dtype']} ({why}), "
               f"{world} process(es), {torch.get_num_threads()} threads each")
+        budget = f", time budget {cfg['time_budget']:g} min" if cfg['time_budget'] > 0 else ""
+        print(f"plan: {cfg['max_iters']:,} iterations, validation every {cfg['eval_interval']:,}, early stop after "
+              f"{cfg['patience']} without a better {cfg['best_metric']}{budget}")
+
+    t_start = time.time()
+    elapsed = lambda: elapsed_before + time.time() - t_start   # seconds this run has trained, resumes included
 
     def checkpoint(path):
         rng_states = [torch.get_rng_state()]
@@ -511,15 +555,15 @@ def train(cfg):
             return
         save_atomic({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val': best_val,
-            'best_metrics': plain(best_metrics), 'config': dict(cfg), 'rng_state': rng_states,
+            'model_args': model_args, 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
+            'best_metrics': plain(best_metrics), 'config': dict(cfg), 'derived': derived, 'rng_state': rng_states, 'elapsed': elapsed(),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
             'clusters': None if user_clusters is None else torch.from_numpy(user_clusters),
         }, path)
 
     def run_eval():
-        nonlocal best_val, best_metrics
+        nonlocal best_val, best_metrics, best_iter
         raw_model.eval()
         metrics = evaluate_model(raw_model, data, 'val', cfg['block_size'], dev,
                                  max_users=cfg['eval_users'] or None, seed=cfg['seed'], clusters=user_clusters)
@@ -527,23 +571,29 @@ def train(cfg):
         value = metrics[cfg['best_metric']]
         improved = best_val is None or better(value, best_val, cfg['best_metric'])
         if improved:
-            best_val, best_metrics = value, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            best_val, best_iter = value, iter_num
+            best_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if master:
             tqdm.write(f"iter {iter_num}: val nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
                        f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
                        f"tail {metrics['acc_tail']:.4f}{'  (best ' + cfg['best_metric'] + ')' if improved else ''}")
         return improved
 
+    eval_secs = []   # how long each validation took: the time budget plans with it
+
     def eval_and_checkpoint():
+        nonlocal best_iter
+        t = time.time()
         improved = run_eval() if master else False
         if ddp:  # everyone learns whether best improved (only the master evaluated)
-            flag = [improved]
+            flag = [improved, best_iter]
             torch.distributed.broadcast_object_list(flag, src=0)
-            improved = flag[0]
+            improved, best_iter = flag
         if improved:
             checkpoint(best_path)
         if improved or cfg['always_save_checkpoint'] or iter_num == cfg['max_iters']:
             checkpoint(ckpt_path)
+        eval_secs.append(time.time() - t)
 
     warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
     if warm and iter_num == 0:  # the trained weights we start from are the score to beat
@@ -552,11 +602,14 @@ def train(cfg):
     # training loop
     ga = cfg['gradient_accumulation_steps']
     use_kl = ref_model is not None and cfg['kl_weight'] > 0
+    deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # in seconds of elapsed()
     model.train()
-    t0, tokens_seen, loss_acc = time.time(), 0, None
+    t0, tokens_seen, loss_acc, nll_acc = time.time(), 0, None, 0.0
+    t_iters, n_iters, stop = 0.0, 0, None     # time in training steps (not validation), for the budget
     bar = tqdm(total=cfg['max_iters'], initial=iter_num, desc=f"stage {cfg['stage']}", unit='it',
                disable=not master or None, dynamic_ncols=True)
-    while iter_num < cfg['max_iters']:
+    while iter_num < cfg['max_iters'] and stop is None:
+        t_step = time.time()
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -580,6 +633,7 @@ def train(cfg):
                 loss = loss / ga
             loss.backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
+            nll_acc += (loss.detach() * ga if use_kl or raw_model.last_nll is None else raw_model.last_nll) / ga
         if iter_num % cfg['log_interval'] == cfg['log_interval'] - 1 and not torch.isfinite(loss_acc):
             raise ConfigError(f"the loss diverged (non-finite) at iteration {iter_num}; "
                               f"lower --learning_rate (now {cfg['learning_rate']}) or set --grad_clip")
@@ -589,18 +643,44 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update(1)
+        n_iters, t_iters = n_iters + 1, t_iters + time.time() - t_step
 
+        # time budget: after a few iterations, and after each validation, check the plan still fits
+        if deadline < math.inf and (n_iters == 25 or iter_num % cfg['eval_interval'] == 0):
+            per_eval = np.mean(eval_secs) if eval_secs else 5 * t_iters / n_iters   # a guess until one ran
+            new = replan(cfg, iter_num, t_iters / n_iters, per_eval, deadline - elapsed())
+            if new is not None and new < cfg['max_iters']:
+                if any(k == 'eval_interval' for k, _, _ in derived):   # keep about 20 validations
+                    cfg['eval_interval'] = max(1, min(cfg['eval_interval'], (new - iter_num) // 20 or 1))
+                if master:
+                    tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
+                               f"fit at {t_iters / n_iters * 1000:.0f} ms each; the run now ends at iteration {new:,} "
+                               f"(learning rate decays to there; validation every {cfg['eval_interval']:,})")
+                cfg['max_iters'], cfg['lr_decay_iters'] = new, min(cfg['lr_decay_iters'], new)
+                bar.total = new
         if iter_num % cfg['log_interval'] == 0 and master:
             dt = time.time() - t0
-            tqdm.write(f"iter {iter_num}: loss {loss_acc.item() / cfg['log_interval']:.4f}, lr {lr:.2e}, "
-                       f"{tokens_seen * world / dt:,.0f} target tokens/s")
-            t0, tokens_seen, loss_acc = time.time(), 0, None
+            left = (cfg['max_iters'] - iter_num) * t_iters / max(1, n_iters)
+            tqdm.write(f"iter {iter_num}/{cfg['max_iters']}: train nll {nll_acc.item() / cfg['log_interval']:.4f}"
+                       + (f" (weighted loss {loss_acc.item() / cfg['log_interval']:.4f})" if weight is not None else "")
+                       + f", lr {lr:.2e}, {tokens_seen * world / dt:,.0f} target tokens/s, "
+                       f"{fmt_time(elapsed())} elapsed, ~{fmt_time(left)} left")
+            t0, tokens_seen, loss_acc, nll_acc = time.time(), 0, None, 0.0
         elif iter_num % cfg['log_interval'] == 0:
-            loss_acc = None
+            loss_acc, nll_acc = None, 0.0
         if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']:
             eval_and_checkpoint()
             t0, tokens_seen = time.time(), 0
+            if cfg['patience'] and (iter_num - best_iter) >= cfg['patience'] * cfg['eval_interval']:
+                stop = (f"early stop at iteration {iter_num}: validation {cfg['best_metric']} has not improved "
+                        f"for {cfg['patience']} evaluations (best at iteration {best_iter})")
+        if stop is None and elapsed() > deadline:
+            stop = f"time budget of {cfg['time_budget']:g} min reached at iteration {iter_num}"
+            if iter_num % cfg['eval_interval'] != 0:
+                eval_and_checkpoint()
     bar.close()
+    if master:
+        print(stop or f"finished {iter_num:,} iterations in {fmt_time(elapsed())} (best at iteration {best_iter:,})")
 
     results = None
     if master and cfg['final_eval']:
@@ -612,6 +692,26 @@ def train(cfg):
     return results
 
 
+def warm_start(model, cfg, data, master):
+    """HeTLM warm start: weights from another run's checkpoint; a 1-set model is copied into every set."""
+    src = torch.load(cfg['init_from'], map_location='cpu', weights_only=True)
+    if src['tokenizer']['pages'] != data.tokenizer.pages:
+        raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")
+    try:
+        model.load_state_dict(expand_state(src['model'], model))
+    except ValueError as e:
+        raise ConfigError(f"--init_from={cfg['init_from']}: does not fit this model ({e}); "
+                          "use the same n_layer/n_head/n_embd/block_size/bias") from None
+    if master:
+        print(f"weights from {cfg['init_from']} (iteration {src['iter_num']}, "
+              f"{src['model_args'].get('n_clusters', 1)} set(s)) -> {cfg['n_clusters']} set(s)")
+
+
+def fmt_time(sec):
+    sec = int(sec)
+    return f"{sec // 60}m{sec % 60:02d}s" if sec >= 60 else f"{sec}s"
+
+
 def final_report(best_path, data, cfg, dev, stage_dir):
     """Evaluate best.pt once on validation and test, next to the baselines and to post-hoc logit
     adjustment of the same model (its tau chosen on validation), and print the tables."""
@@ -620,7 +720,7 @@ def final_report(best_path, data, cfg, dev, stage_dir):
     uc = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
     # logit adjustment baseline: tau picked by validation harmonic mean of anchor and tail accuracy
     # (every tau from one pass of the model; then one pass per split scores the model with and without it)
-    taus = [0.25, 0.5, 1.0, 1.5, 2.0]
+    taus = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]   # 0: no adjustment, when none helps on validation
     la = evaluate_model(model, data, 'val', block, dev, max_users=cfg['eval_users'] or None, seed=cfg['seed'],
                         logit_adjust=taus, clusters=uc)
     tau = max(taus, key=lambda t: la[t]['hmean'])
@@ -638,14 +738,19 @@ def final_report(best_path, data, cfg, dev, stage_dir):
               f"HR@10 mean {u['hr@10_mean']:.4f} std {u['hr@10_std']:.4f} p10 {u['hr@10_p10']:.4f}")
         print(f"gpt: harmonic mean of anchor/tail accuracy {m['hmean']:.4f}, macro recall {m['macro_recall']:.4f}; "
               f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
-              f"{m.get('acc_fewshot5', math.nan):.4f} (n={m.get('n_fewshot5', 0)}) / "
-              f"{m.get('acc_fewshot20', math.nan):.4f} (n={m.get('n_fewshot20', 0)})")
+              f"{fewshot(m, 5)} / {fewshot(m, 20)}")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
     path = os.path.join(stage_dir, 'results.json')
     with open(path + '.tmp', 'w') as f:
         json.dump(plain(results), f, indent=1)
     os.replace(path + '.tmp', path)
     return results
+
+
+def fewshot(m, k):
+    """Few-shot tail accuracy with its count; no figure where no target is that rare."""
+    n = m.get(f'n_fewshot{k}', 0)
+    return f"{m[f'acc_fewshot{k}']:.4f} (n={n})" if n else "none (n=0)"
 
 
 def main(argv):

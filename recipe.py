@@ -1,0 +1,91 @@
+"""
+Settings that fit the data: the model and schedule train.py uses when the user does not set them.
+
+A user's logs differ from ours in every direction (sessions of 2 or 200 pages, histories of 3 or
+3,000 events, catalogues of 17 or 200,000 pages), so no fixed default fits them all. train.py
+marks the settings below as "from the data" (0, or -1 where 0 is a real value); `derive` fills
+each one from the prepared dataset's statistics by one rule, and returns a reason per rule that
+train.py prints at start and stores in the checkpoint. A value given on the command line or in a
+config file is never changed.
+
+    from recipe import data_stats, derive
+    cfg, reasons = derive(cfg, data_stats(data))
+
+Every rule names the measurement that chose it (README, "Settings that fit the data").
+"""
+
+import math
+
+import numpy as np
+
+from tokenizer import N_SPECIAL
+
+# what "from the data" looks like in train.py's globals block
+AUTO = {'block_size': 0, 'n_layer': 0, 'n_head': 0, 'n_embd': 0, 'dropout': -1.0, 'batch_tokens': 0,
+        'learning_rate': 0.0, 'min_lr': -1.0, 'max_iters': 0, 'warmup_iters': -1, 'eval_interval': 0}
+
+
+def data_stats(data):
+    """The statistics the recipe reads, from a prepared dataset (data.BehaviorData); cheap (numpy
+    over the token stream once)."""
+    off = np.asarray(data.offsets, dtype=np.int64)
+    train_len = data.train_end - off[:-1]                        # (U,) tokens of each user's training part
+    m = data.meta
+    tok = np.asarray(data.tokens)
+    user = np.repeat(np.arange(data.n_users, dtype=np.int64), np.diff(off))
+    page = (tok >= N_SPECIAL) & (np.arange(len(tok)) < data.train_end[user])   # training page events
+    pairs = user[page] * data.vocab_size + tok[page]
+    n_events = int(page.sum())
+    return {
+        'users': data.n_users, 'eval_users': m['n_eval_users'], 'pages': data.vocab_size - N_SPECIAL,
+        'train_tokens': int(train_len.sum()), 'train_events': n_events,
+        'len_p50': float(np.percentile(train_len, 50)), 'len_p90': float(np.percentile(train_len, 90)),
+        'session_len': m['n_events'] / max(1, m['n_sessions']),
+        'repeat_rate': 1 - len(np.unique(pairs)) / max(1, n_events),  # events that revisit one of the user's pages
+    }
+
+
+def pow2(x, lo, hi):
+    """The smallest power of two >= x, clipped to [lo, hi]."""
+    return int(min(hi, max(lo, 2 ** math.ceil(math.log2(max(1.0, x))))))
+
+
+def derive(cfg, s):
+    """cfg with every "from the data" setting filled in, and [(key, value, reason)] for those."""
+    cfg, out = dict(cfg), []
+
+    def rule(key, value, reason):
+        if cfg[key] == AUTO[key]:
+            cfg[key] = value
+            out.append((key, value, reason))
+
+    D = s['train_tokens']
+    # context: cover the histories of 9 users in 10 (p90 of training lengths), as a power of two in
+    # [32, 256]; longer contexts cost attention time for few users
+    rule('block_size', pow2(s['len_p90'], 32, 256), f"p90 of users' training tokens is {s['len_p90']:.0f}")
+    # width: 64 up to 1M training tokens, 128 above (more data carries a wider model in the budget)
+    rule('n_embd', 64 if D < 1_000_000 else 128, f"{D:,} training tokens")
+    rule('n_layer', 2, "2 blocks")
+    rule('n_head', max(1, cfg['n_embd'] // 32), f"heads of 32 dimensions (n_embd {cfg['n_embd']})")
+    # regularization: small logs are seen for many epochs and over-fit; big ones are seen a few times
+    rule('dropout', 0.1 if D < 1_000_000 else 0.0, f"{D:,} training tokens")
+    # micro-batches: at least 16 rows of the longest context
+    rule('batch_tokens', max(4096, 16 * cfg['block_size']), f"16 rows of {cfg['block_size']} tokens, at least 4,096")
+    rule('learning_rate', 3e-3 if cfg['n_embd'] <= 64 else 2e-3, f"n_embd {cfg['n_embd']}")
+    rule('min_lr', cfg['learning_rate'] / 10, "a tenth of the peak")
+    # length: `epochs` passes over the training tokens (padding ignored), at least 1,000 iterations;
+    # the time budget may shorten it (train.py re-plans the schedule after its first iterations)
+    its = math.ceil(cfg['epochs'] * D / cfg['batch_tokens'])
+    rule('max_iters', max(1000, its), f"{cfg['epochs']} epochs of {D:,} tokens in batches of {cfg['batch_tokens']:,}")
+    rule('warmup_iters', min(100, cfg['max_iters'] // 20), "5% of the iterations, at most 100")
+    rule('eval_interval', max(50, cfg['max_iters'] // 20), "about 20 validations per run")
+    return cfg, out
+
+
+def describe(reasons, s):
+    """The block train.py prints at start: the statistics, then each derived value with its reason."""
+    lines = [f"settings from the data ({s['users']:,} users, {s['pages']:,} pages, {s['train_tokens']:,} training "
+             f"tokens; per user p50 {s['len_p50']:.0f} / p90 {s['len_p90']:.0f} tokens; {s['session_len']:.1f} "
+             f"pages per session; {s['repeat_rate']:.0%} repeats):"]
+    lines += [f"  {k:<14} {v:<8g} {why}" for k, v, why in reasons]
+    return "\n".join(lines)
