@@ -26,6 +26,7 @@ import math
 import inspect
 import numbers
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -452,9 +453,12 @@ def read_checkpoint(path, device='cpu'):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip/pickle/EOF/unpickling errors: every one means "not a usable checkpoint"
-        why = ' '.join(str(e).split()[:30]) or type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (cut short, or not written by train.py): "
-                              f"{why[:200]}") from None
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's words for an object weights_only refuses
+        if unsafe:
+            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), refused: a checkpoint may "
+                                  "hold only tensors and plain values (weights_only=True), so it cannot run code") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (cut short, or not a PyTorch file; "
+                              f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
     kinds = {'model': dict, 'model_args': dict, 'config': dict, 'tokenizer': dict, 'iter_num': int}
