@@ -10,7 +10,8 @@ and a user's stream is their sessions in time order. BehaviorLM splits pages int
     python data.py BMS.dat.gz --out_dir=data/bms               # BMS-WebView-1 (`session page` pairs)
     python data.py log.csv --out_dir=data/mysite --time_col=time --session_gap=1800
 
-Input formats (gzip is detected by its magic bytes, whatever the file name):
+Input formats (gzip is detected by its magic bytes, whatever the file name; UTF-8 text, a byte-order
+mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line):
 - events: .csv/.tsv/.jsonl with a header (jsonl: one object per line); columns user_col, page_col,
   optional time_col (epoch seconds or ISO-8601; naive times are UTC) and session_col. With time,
   a user's events are stably sorted by time and a gap > session_gap seconds starts a new session;
@@ -499,6 +500,9 @@ def building(data_dir):
     here = os.path.realpath(os.getcwd())
     if here == os.path.realpath(target) or here.startswith(os.path.realpath(target).rstrip(os.sep) + os.sep):
         raise DataError(f"{data_dir}: the current folder (or one above it); prepare into a folder of its own")
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "meta.json")) and \
+            any(e.is_dir() for e in os.scandir(target)):  # a guard against --out_dir=~ and the like
+        raise DataError(f"{data_dir}: holds folders and is not a prepared dataset; prepare into a new folder")
     clean_leftovers(target)
     tmp, old = f"{target}.tmp{os.getpid()}", f"{target}.old{os.getpid()}"
     try:
