@@ -412,6 +412,8 @@ def run(cfg):
     for k in ('steps', 'matmul_reps', 'matmul_n', 'latency_users'):
         if cfg[k] < 1:
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
+    if cfg['eval_users'] < 0:
+        raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0: every user)")
     for k in ('msnbc_input', 'msnbc_dir', 'bms_dir'):
         if cfg[k] and not os.path.exists(cfg[k]):
             raise ConfigError(f"--{k}={cfg[k]}: not found")

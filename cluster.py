@@ -344,6 +344,8 @@ def run(cfg):
     for key in ('k', 'dim', 'n_init', 'max_iter', 'batch_tokens'):
         if cfg[key] < 1:
             raise ConfigError(f"--{key}={cfg[key]}: must be >= 1")
+    if cfg['top_pages'] < 0:
+        raise ConfigError(f"--top_pages={cfg['top_pages']}: must be >= 0")
     if cfg['vectors'] not in ('tfidf', 'model'):
         raise ConfigError(f"--vectors={cfg['vectors']}: expected 'tfidf' or 'model'")
     if os.path.normpath(cfg['data_dir']) == os.path.normpath(DEFAULTS['data_dir']):

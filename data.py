@@ -10,7 +10,8 @@ and a user's stream is their sessions in time order. BehaviorLM splits pages int
     python data.py BMS.dat.gz --out_dir=data/bms               # BMS-WebView-1 (`session page` pairs)
     python data.py log.csv --out_dir=data/mysite --time_col=time --session_gap=1800
 
-Input formats (gzip is detected by its magic bytes, whatever the file name):
+Input formats (gzip is detected by its magic bytes, whatever the file name; UTF-8 text, a byte-order
+mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line):
 - events: .csv/.tsv/.jsonl with a header (jsonl: one object per line); columns user_col, page_col,
   optional time_col (epoch seconds or ISO-8601; naive times are UTC) and session_col. With time,
   a user's events are stably sorted by time and a gap > session_gap seconds starts a new session;
@@ -22,12 +23,26 @@ Input formats (gzip is detected by its magic bytes, whatever the file name):
 - pairs: `user page` per line, in order (BMS-WebView-1); each user is one session.
 - auto: by extension (.csv .tsv .jsonl .ndjson .json -> events, .seq -> seq, after stripping .gz),
   else by content: first line '%' -> seq, '{' -> events, a header holding user_col and page_col
-  -> events, every one of the first 1000 lines with exactly two fields -> pairs, else seq.
+  -> events, all but one (or 90%) of the first 1000 lines with exactly two fields -> pairs (a
+  malformed line is then reported, not read as a sequence), else seq.
 
 A prepared folder: tokens.bin (uint32 stream of every user), offsets.npy (user u's stream is
 tokens[offsets[u]:offsets[u+1]]), val_pos.npy / test_pos.npy (absolute index of each user's
 validation / test target, -1 for users with < 3 pages),
-users.txt, tokenizer.json, meta.json (written last; no meta.json = not prepared).
+users.txt, tokenizer.json, meta.json. The folder is built whole in a temporary folder beside it
+(NAME.tmpPID) and swapped in by renames only when complete, so a failure of any kind (bad line,
+full disk, kill) leaves the previous dataset as it was. Files derived from the old dataset
+(DERIVED: segments.npy, clusters.npy, ...) never survive a new prepare; other files there (an
+input log, notes) are kept. load_data checks every file against meta.json before use.
+
+Sessions from time (event logs with time_col): a gap > session_gap seconds starts a session;
+--session_gap=0 or inf turns time-based sessions off (a user's history is then one session, cut
+only by session_col). Rating logs (MovieLens: hours or days between ratings) cut at the default
+30 minutes are mostly one-event sessions, each costing a <bos> and an <eos> token; the summary
+prints the events per session and names the setting when most sessions hold one event.
+
+The command line refuses a log that leaves nothing to learn or score: no page left after
+min_count, or no user with the 3 events the leave-last-out split needs.
 """
 
 import argparse
@@ -38,10 +53,13 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import zlib
 from array import array
 from bisect import bisect
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -59,24 +77,48 @@ class DataError(ValueError):
 # reading: every reader maps user and page strings to raw integer ids as it goes (one dict each)
 
 def lines(path, newline=None):
-    """Yield (line number, line) of a plain or gzip text file (gzip by magic bytes), with a progress bar."""
+    """Yield (line number, line) of a plain or gzip text file (gzip by magic bytes), with a progress bar.
+    A UTF-8 byte-order mark is dropped; a NUL byte, non-UTF-8 bytes or a cut gzip stop with file:line."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as raw:
+        raise DataError(f"{path}: no such file" + (" (a folder)" if os.path.isdir(path) else ""))
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with raw:
         gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
-        f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8", newline=newline)
+        f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig", newline=newline)
         bar = tqdm(total=os.fstat(raw.fileno()).st_size, unit="B", unit_scale=True, disable=None, leave=False,
                    desc=f"reading {os.path.basename(path)}")  # compressed bytes; hidden when not a TTY
+        lineno = 0
         try:
             for lineno, line in enumerate(f, 1):
                 if lineno & 0xFFFF == 0:
                     bar.update(raw.tell() - bar.n)
+                if "\0" in line:
+                    raise DataError(f"{path}:{lineno}: NUL byte in the line (a binary or UTF-16 file?)")
                 yield lineno, line
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+            raise DataError(f"{path}:{first_non_utf8_line(path, gz)}: not UTF-8 text ({e.reason}); "
+                            "save the file as UTF-8") from None
+        except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
+            what = "gzip data cut short or corrupt" if gz else "cannot read"
+            raise DataError(f"{path}:{lineno + 1}: {what} ({e})") from None
         finally:
             bar.close()
+
+
+def first_non_utf8_line(path, gz):
+    """The number of the first line that is not UTF-8 (the decoder reads ahead in chunks, so the
+    error it raises does not say which line); only called on the error path."""
+    with (gzip.open if gz else open)(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def parse_time(value):
@@ -108,7 +150,11 @@ def detect_format(path, user_col="user", page_col="page"):
         return "seq"
     if first[0].startswith("{") or any({user_col, page_col} <= {c.strip() for c in first[0].split(s)} for s in ",\t"):
         return "events"
-    return "pairs" if all(len(ln.split()) == 2 for ln in first) else "seq"
+    # pairs when all but one line (or 90%) have two fields, so one malformed line is reported by
+    # read_pairs, not taken as a sign of a sequence file (which would silently make users into pages)
+    n_pairs = sum(len(ln.split()) == 2 for ln in first)
+    pairs = n_pairs > 0 and n_pairs >= min(len(first) - 1, 0.9 * len(first))
+    return "pairs" if pairs and not first[0].split()[0].endswith(":") else "seq"
 
 
 def read_seq(path):
@@ -154,7 +200,8 @@ def read_pairs(path):
         if len(toks) != 2:
             if not toks:
                 continue
-            raise DataError(f"{path}:{lineno}: malformed line (expected `user page`, got {len(toks)} fields)")
+            raise DataError(f"{path}:{lineno}: malformed line (expected `user page`, got {len(toks)} fields; "
+                            "--format=seq reads one session per line)")
         users.append(uid.setdefault(toks[0], len(uid)))
         pages.append(pid.setdefault(toks[1], len(pid)))
     return events(path, "pairs", uid, pid, users, pages)
@@ -227,7 +274,10 @@ def json_rows(path, it, cols, time_col=None):
         missing = [c for c in cols if c not in obj]
         if missing:
             raise DataError(f"{path}:{lineno}: missing column {missing[0]!r}")
-        yield lineno, [obj[c] if c == time_col else "" if obj[c] is None else str(obj[c]) for c in cols]
+        row = [obj[c] if c == time_col else "" if obj[c] is None else str(obj[c]) for c in cols]
+        if any("\0" in v for v in row if isinstance(v, str)):  # an escaped \u0000
+            raise DataError(f"{path}:{lineno}: NUL character in a value")
+        yield lineno, row
 
 
 def events(path, fmt, uid, pid, users, pages, time=None, session=None):
@@ -302,7 +352,7 @@ def sessions_of(ev, session_gap):
     start[1:] = user[1:] != user[:-1]
     if ev["line_start"] is not None:
         start |= ev["line_start"]
-    if t is not None:
+    if t is not None and 0 < session_gap < math.inf:  # 0 or inf: no time-based sessions
         start[1:] |= np.diff(t) > session_gap
     if ev["session"] is not None:
         start[1:] |= ev["session"][1:] != ev["session"][:-1]
@@ -327,9 +377,37 @@ def write_atomic(path, obj):
     os.replace(tmp, path)
 
 
+DERIVED = ("meta.json", "tokens.bin", "offsets.npy", "val_pos.npy", "test_pos.npy", "users.txt", "tokenizer.json",
+           "segments.npy", "clusters.npy", "clusters.json")  # computed from a dataset: never carried to a new one
+
+
+def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0):
+    """One-line DataError for a preparation setting out of its range."""
+    if not session_gap >= 0:  # nan too
+        raise DataError(f"--session_gap={session_gap}: must be >= 0 seconds (0 or inf: no time-based sessions)")
+    if min_count < 1:
+        raise DataError(f"--min_count={min_count}: must be >= 1")
+    if not 0 <= anchor_share < 1:
+        raise DataError(f"--anchor_share={anchor_share}: must be in [0, 1)")
+    if not 0 <= anchor_mass <= 1:
+        raise DataError(f"--anchor_mass={anchor_mass}: must be in [0, 1] (0: use --anchor_share)")
+
+
 def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
-            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0):
-    """Read a behavior log, split it leave-last-out, tokenize, and write a dataset folder. Returns meta."""
+            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False):
+    """Read a behavior log, split it leave-last-out, tokenize, and write a dataset folder, atomically
+    (see building). require_eval (the command line sets it): refuse a log where no user has the 3
+    events a validation and a test target need. Returns meta."""
+    check_settings(session_gap, min_count, anchor_share, anchor_mass)
+    with building(data_dir) as folder:
+        return build_dataset(input_path, folder, fmt, user_col, page_col, time_col, session_col, sep, session_gap,
+                             min_count, anchor_share, anchor_mass, require_eval)
+
+
+def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
+                  sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
+                  source=None):
+    """prepare's work, written into `folder` (a fresh folder from building). Returns meta."""
     settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
                     sep=sep, session_gap=session_gap, min_count=min_count, anchor_share=anchor_share,
                     anchor_mass=anchor_mass)
@@ -353,6 +431,9 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
     n_ev = np.bincount(user, minlength=n_users)                  # (U,) events per user
     last = np.cumsum(n_ev) - 1                                   # (U,) index of each user's last event
     evaluable = n_ev >= 3
+    if require_eval and not evaluable.any():
+        raise DataError(f"{input_path}: no user has 3 or more events (the most: {n_ev.max()}), so there is no "
+                        "validation or test target (leave-last-out); is --user_col the user, not the event?")
     train = np.ones(n, dtype=bool)
     train[last[evaluable]] = False
     train[last[evaluable] - 1] = False
@@ -364,6 +445,9 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
         tok = PageTokenizer.from_counts(counter, min_count)
     except ValueError as e:  # a page literally named <pad>/<unk>/<bos>/<eos>
         raise DataError(f"{input_path}: {e}; rename those pages") from None
+    if tok.vocab_size == N_SPECIAL:
+        raise DataError(f"{input_path}: no page is left in the vocabulary: --min_count={min_count} but the most "
+                        f"frequent page is seen {max(counter.values(), default=0)} times in training")
     lookup = tok.encode(ev["pages"])                             # raw page id -> token id (uint32)
 
     # token layout: each session is <bos> p1 .. pn <eos>, so event i sits at i + 2*session(i) + 1
@@ -378,11 +462,14 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
     offsets = np.append(pos[last - n_ev + 1] - 1, len(tokens)).astype(np.int64)  # (U+1,)
     val_pos = np.where(evaluable, pos[np.maximum(last - 1, 0)], -1).astype(np.int64)
     test_pos = np.where(evaluable, pos[last], -1).astype(np.int64)
+    per_session = np.bincount(sess)                              # (S,) events per session
 
     anchor_ids, rule, held = anchor_split(tok.counts, anchor_share, anchor_mass)
     n_eval = int(evaluable.sum())
-    meta = {"source": input_path, "format": fmt, "n_users": n_users, "n_eval_users": n_eval,
+    meta = {"source": source or input_path, "format": fmt, "n_users": n_users, "n_eval_users": n_eval,
             "n_events": n, "n_sessions": n_sessions, "n_tokens": len(tokens), "n_train_targets": int(train.sum()),
+            "session_events_median": float(np.median(per_session)),
+            "single_event_sessions": float((per_session == 1).mean()),
             "vocab_size": tok.vocab_size, "n_pages": tok.vocab_size - N_SPECIAL,
             "n_pages_in_input": len(ev["pages"]),
             "val_unk_rate": float((tokens[val_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
@@ -392,25 +479,100 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
                        "ids": anchor_ids.tolist(), "n_anchors": len(anchor_ids), "share": held},
             "settings": settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    # write: meta.json goes first (removed) and last (written), each file via tmp + os.replace,
-    # so an interrupted run leaves a folder that load_data refuses, never a half-updated dataset
-    os.makedirs(data_dir, exist_ok=True)
-    if os.path.exists(os.path.join(data_dir, "meta.json")):
-        os.remove(os.path.join(data_dir, "meta.json"))
     files = [("tokens.bin", tokens), ("offsets.npy", offsets), ("val_pos.npy", val_pos),
              ("test_pos.npy", test_pos), ("users.txt", ev["users"]), ("tokenizer.json", tok)]
     for name, obj in tqdm(files, desc="writing", disable=None, leave=False):
-        write_atomic(os.path.join(data_dir, name), obj)
+        write_atomic(os.path.join(folder, name), obj)
     meta["seconds"] = round(time.time() - t0, 2)
-    write_atomic(os.path.join(data_dir, "meta.json"), meta)
+    write_atomic(os.path.join(folder, "meta.json"), meta)
     return meta
+
+
+@contextmanager
+def building(data_dir):
+    """Yield a fresh folder beside data_dir (NAME.tmpPID) to build a dataset in. On success it
+    replaces data_dir by two renames, after hard-linking in the old folder's files that are not
+    DERIVED (an input log, notes); on any failure it is removed and data_dir is left as it was.
+    A kill leaves the old folder too; the next prepare into data_dir removes the leftovers."""
+    target = os.path.normpath(data_dir)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise DataError(f"{data_dir}: exists and is not a folder; choose another --out_dir")
+    here = os.path.realpath(os.getcwd())
+    if here == os.path.realpath(target) or here.startswith(os.path.realpath(target).rstrip(os.sep) + os.sep):
+        raise DataError(f"{data_dir}: the current folder (or one above it); prepare into a folder of its own")
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "meta.json")) and \
+            any(e.is_dir() for e in os.scandir(target)):  # a guard against --out_dir=~ and the like
+        raise DataError(f"{data_dir}: holds folders and is not a prepared dataset; prepare into a new folder")
+    clean_leftovers(target)
+    tmp, old = f"{target}.tmp{os.getpid()}", f"{target}.old{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier failure
+        os.makedirs(tmp)
+        yield tmp
+        if os.path.isdir(target):
+            for name in os.listdir(target):
+                if name not in DERIVED and ".tmp" not in name and not os.path.lexists(os.path.join(tmp, name)):
+                    carry(os.path.join(target, name), os.path.join(tmp, name))
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException as e:
+        if os.path.isdir(old) and not os.path.exists(target):
+            os.rename(old, target)  # failed between the two renames: put the old folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder, a file size limit
+            where = f" {e.filename}" if e.filename else ""
+            raise DataError(f"{data_dir}: cannot write the dataset ({e.strerror or one_line(e)}{where}); "
+                            "the previous dataset is unchanged") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def carry(src, dst):
+    """Keep a file (or folder) of the old dataset folder in the new one: hard links, else a copy."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(src, dst)
+
+
+def clean_leftovers(target):
+    """Remove NAME.tmpPID / NAME.oldPID folders of a killed prepare (their process is gone); an
+    old folder whose swap was cut between its two renames is put back first."""
+    parent, base = os.path.split(target)
+    for name in os.listdir(parent or "."):
+        kind, pid = name[len(base):len(base) + 4], name[len(base) + 4:]
+        if not name.startswith(base) or kind not in (".tmp", ".old") or not pid.isdigit() or alive(int(pid)):
+            continue
+        path = os.path.join(parent, name)
+        if kind == ".old" and not os.path.exists(target):
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        pass
+    return True
 
 
 # -----------------------------------------------------------------------------
 # loading, training windows, batches, evaluation examples
 
 class BehaviorData:
-    """A prepared dataset folder, memory-mapped. State is real (files, lazy user ids), hence a class."""
+    """A prepared dataset folder, memory-mapped, every file checked against meta.json on load (one
+    DataError naming the file otherwise). State is real (files, lazy user ids), hence a class."""
 
     def __init__(self, data_dir):
         self.data_dir = data_dir
@@ -418,26 +580,57 @@ class BehaviorData:
         if not os.path.isfile(path("meta.json")):
             raise DataError(f"{data_dir}: not a prepared dataset (no meta.json); "
                             f"run `python data.py INPUT --out_dir={data_dir}` or `python data.py --builtin`")
-        with open(path("meta.json"), encoding="utf-8") as f:
-            self.meta = json.load(f)
-        self.tokens = np.memmap(path("tokens.bin"), dtype=np.uint32, mode="r")     # (n_tokens,)
-        self.offsets = np.load(path("offsets.npy"), mmap_mode="r")                # (U+1,)
-        self.val_pos = np.load(path("val_pos.npy"), mmap_mode="r")                # (U,) -1: training only
-        self.test_pos = np.load(path("test_pos.npy"), mmap_mode="r")              # (U,)
-        self.tokenizer = PageTokenizer.load(path("tokenizer.json"))
-        self.n_users = len(self.offsets) - 1
+        self.meta = meta = read_json(path("meta.json"))
+        for key in ("n_users", "n_tokens", "vocab_size"):
+            if not isinstance(meta.get(key), int) or isinstance(meta[key], bool) or meta[key] < 0:
+                raise DataError(f"{path('meta.json')}: {key} missing or not a count; prepare it again")
+        n_users, n_tokens = meta["n_users"], meta["n_tokens"]
+        try:
+            self.tokenizer = PageTokenizer.load(path("tokenizer.json"))
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise DataError(f"{path('tokenizer.json')}: not a tokenizer ({one_line(e)}); prepare it again") from None
         self.vocab_size = self.tokenizer.vocab_size
-        self.train_end = np.where(self.val_pos >= 0, self.val_pos, self.offsets[1:]).astype(np.int64)  # (U,)
-        self.anchor_ids = np.asarray(self.meta["anchor"]["ids"], dtype=np.int64)
-        self.segments = np.load(path("segments.npy")) if os.path.isfile(path("segments.npy")) else None
-        if len(self.tokens) != self.meta["n_tokens"] or self.n_users != self.meta["n_users"]:
-            raise DataError(f"{data_dir}: files disagree with meta.json; prepare it again")
+        if self.vocab_size != meta["vocab_size"]:
+            raise DataError(f"{path('tokenizer.json')}: {self.vocab_size} ids, meta.json says {meta['vocab_size']}")
+        size = os.path.getsize(path("tokens.bin")) if os.path.isfile(path("tokens.bin")) else None
+        if size != 4 * n_tokens or n_tokens == 0:
+            raise DataError(f"{path('tokens.bin')}: " + ("missing" if size is None else f"{size:,} bytes") +
+                            f", expected 4 x {n_tokens:,} tokens (meta.json); prepare it again")
+        self.tokens = np.memmap(path("tokens.bin"), dtype=np.uint32, mode="r")     # (n_tokens,)
+        self.offsets = load_array(path("offsets.npy"), n_users + 1)                # (U+1,)
+        self.val_pos = load_array(path("val_pos.npy"), n_users)                    # (U,) -1: training only
+        self.test_pos = load_array(path("test_pos.npy"), n_users)                  # (U,)
+        self.n_users = n_users
+        o = np.asarray(self.offsets)
+        if o[0] != 0 or o[-1] != n_tokens or (np.diff(o) < 0).any():
+            raise DataError(f"{path('offsets.npy')}: not increasing from 0 to n_tokens={n_tokens:,}; prepare it again")
+        for name, pos, end in (("val_pos.npy", self.val_pos, self.test_pos), ("test_pos.npy", self.test_pos, o[1:])):
+            pos = np.asarray(pos)  # -1, or a position inside the user's stream (a val target before the test one)
+            if ((pos != -1) & ((pos <= o[:-1]) | (pos >= end))).any() or ((pos == -1) != (self.test_pos == -1)).any():
+                raise DataError(f"{path(name)}: positions outside their users' streams; prepare it again")
+        top = int(self.tokens.max())  # one vectorized pass (a few ms for 7M tokens): no id beyond the vocabulary
+        if top >= self.vocab_size:
+            raise DataError(f"{path('tokens.bin')}: token id {top:,} outside the vocabulary of {self.vocab_size:,}")
+        try:
+            self.anchor_ids = np.asarray(meta["anchor"]["ids"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path('meta.json')}: no anchor ids; prepare it again") from None
+        if self.anchor_ids.ndim != 1 or ((self.anchor_ids < N_SPECIAL) | (self.anchor_ids >= self.vocab_size)).any():
+            raise DataError(f"{path('meta.json')}: anchor ids outside the pages of the vocabulary")
+        self.train_end = np.where(self.val_pos >= 0, self.val_pos, o[1:]).astype(np.int64)  # (U,)
+        self.segments = load_array(path("segments.npy"), n_users, mmap=False) if os.path.isfile(path("segments.npy")) else None
         self._user_ids, self._user_index = None, None
 
     def user_ids(self):
         if self._user_ids is None:
-            with open(os.path.join(self.data_dir, "users.txt"), encoding="utf-8") as f:
-                self._user_ids = f.read().split("\n")[:self.n_users]
+            path = os.path.join(self.data_dir, "users.txt")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self._user_ids = f.read().split("\n")[:self.n_users]
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}: cannot read ({one_line(e)}); prepare it again") from None
+            if len(self._user_ids) < self.n_users:
+                raise DataError(f"{path}: {len(self._user_ids):,} users, meta.json says {self.n_users:,}")
         return self._user_ids
 
     def user_index(self, uid):
@@ -453,7 +646,37 @@ class BehaviorData:
 
 
 def load_data(data_dir):
+    """The one loader of a prepared folder (every script uses it): BehaviorData, checked."""
     return BehaviorData(data_dir)
+
+
+def one_line(e):
+    """An exception's message as one short line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def read_json(path):
+    """A JSON object from path, or a DataError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: not JSON ({one_line(e)}); prepare it again") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a JSON object; prepare it again")
+    return obj
+
+
+def load_array(path, n, mmap=True):
+    """A 1-D integer .npy array of n entries (memory-mapped), or a DataError naming the file."""
+    try:
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({one_line(e)}); prepare it again") from None
+    if a.ndim != 1 or a.dtype.kind not in "iu" or len(a) != n:
+        raise DataError(f"{path}: expected {n:,} integers, found shape {a.shape} of {a.dtype}; prepare it again")
+    return a
 
 
 def train_windows(data, block_size):
@@ -628,22 +851,19 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
 def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0):
     """Simulate the shop, write data_dir/events.csv.gz (user,time,page), prepare it through the
     ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
-    segment per user index). Returns meta."""
+    segment per user index); all in one atomic build (see building). Returns meta."""
     rows, segments = simulate_site(n_users, seed, n_items, session_scale)  # smaller copies for tests, other shapes
-    os.makedirs(data_dir, exist_ok=True)
-    for name in ("meta.json", "segments.npy"):  # the folder is "not built" until both exist again
-        if os.path.exists(os.path.join(data_dir, name)):
-            os.remove(os.path.join(data_dir, name))
     order = sorted(range(len(rows)), key=lambda i: (rows[i][1], i))  # a real log: global time order
     lines = ["user,time,page"] + [f"u{rows[i][0]:05d},{rows[i][1]},{rows[i][2]}" for i in order]
-    path = os.path.join(data_dir, "events.csv.gz")
-    with open(f"{path}.tmp{os.getpid()}", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-        gz.write(("\n".join(lines) + "\n").encode())  # mtime=0: the same bytes on every run
-    os.replace(f"{path}.tmp{os.getpid()}", path)
-    meta = prepare(path, data_dir, time_col="time", session_gap=1800.0)
-    with open(os.path.join(data_dir, "users.txt"), encoding="utf-8") as f:  # users in order of first visit
-        users = f.read().split()
-    write_atomic(os.path.join(data_dir, "segments.npy"), segments[[int(u[1:]) for u in users]])
+    with building(data_dir) as folder:
+        path = os.path.join(folder, "events.csv.gz")
+        with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+            gz.write(("\n".join(lines) + "\n").encode())  # mtime=0: the same bytes on every run
+        meta = build_dataset(path, folder, time_col="time", session_gap=1800.0,
+                             source=os.path.join(data_dir, "events.csv.gz"))
+        with open(os.path.join(folder, "users.txt"), encoding="utf-8") as f:  # users in order of first visit
+            users = f.read().split()
+        write_atomic(os.path.join(folder, "segments.npy"), segments[[int(u[1:]) for u in users]])
     return meta
 
 
@@ -655,11 +875,19 @@ def ensure_builtin(data_dir="data/builtin"):
 
 
 def summary(meta):
-    return (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test), "
-            f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n"
-            f"pages: {meta['n_pages']:,} in the training vocabulary (of {meta['n_pages_in_input']:,} in the input); "
-            f"unk rate val {meta['val_unk_rate']:.4f} test {meta['test_unk_rate']:.4f}\n"
-            f"{describe_anchors(meta['anchor'])}; prepared in {meta['seconds']:.1f} s")
+    text = (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test), "
+            f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n")
+    if "single_event_sessions" in meta:
+        text += (f"sessions: median {meta['session_events_median']:g} events, "
+                 f"{meta['single_event_sessions']:.0%} hold a single event\n")
+        gap = meta["settings"].get("session_gap", 0)
+        if meta["settings"].get("time_col") and 0 < gap < math.inf and meta["single_event_sessions"] > 0.5:
+            text += (f"note: most sessions hold one event (each costs a <bos> and an <eos> token): the gaps between "
+                     f"a user's events mostly exceed --session_gap={gap:g} s (a rating log?); --session_gap=inf "
+                     f"makes each user's history one session, or set a longer gap\n")
+    return text + (f"pages: {meta['n_pages']:,} in the training vocabulary (of {meta['n_pages_in_input']:,} in the input); "
+                   f"unk rate val {meta['val_unk_rate']:.4f} test {meta['test_unk_rate']:.4f}\n"
+                   f"{describe_anchors(meta['anchor'])}; prepared in {meta['seconds']:.1f} s")
 
 
 def main(argv=None):
@@ -673,10 +901,12 @@ def main(argv=None):
     p.add_argument("--time_col", default=None)
     p.add_argument("--session_col", default=None)
     p.add_argument("--sep", default=None, help="event-log separator: ',' '\\t' or 'jsonl' (default: by extension)")
-    p.add_argument("--session_gap", type=float, default=1800.0, help="seconds of inactivity that start a session")
-    p.add_argument("--min_count", type=int, default=1)
-    p.add_argument("--anchor_share", type=float, default=0.01)
-    p.add_argument("--anchor_mass", type=float, default=0.0)
+    p.add_argument("--session_gap", type=float, default=1800.0,
+                   help="with --time_col: seconds of inactivity that start a session; 0 or inf: no time-based "
+                        "sessions (a rating log, with hours or days between events)")
+    p.add_argument("--min_count", type=int, default=1, help="rarer training pages map to <unk>")
+    p.add_argument("--anchor_share", type=float, default=0.01, help="anchors: pages over this share of targets")
+    p.add_argument("--anchor_mass", type=float, default=0.0, help="anchors: the top pages holding this share, in (0, 1]")
     p.add_argument("--seed", type=int, default=1337, help="built-in dataset only")
     p.add_argument("--n_users", type=int, default=5000, help="built-in dataset only: simulated users")
     p.add_argument("--n_items", type=int, default=N_ITEMS, help="built-in dataset only: items per category (8 categories)")
@@ -684,18 +914,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.builtin == bool(args.input):
         p.error("give an INPUT file or --builtin (one of them)")
+    if not args.builtin and not args.out_dir:
+        p.error("--out_dir is required with an INPUT file")
     try:
         if args.builtin:
+            if args.n_users < 1 or args.n_items < 4 or not args.session_scale > 0:
+                raise DataError("--n_users >= 1, --n_items >= 4 and --session_scale > 0 are needed")
             meta = make_builtin(args.out_dir or "data/builtin", args.seed, args.n_users, args.n_items, args.session_scale)
         else:
-            if not args.out_dir:
-                p.error("--out_dir is required with an INPUT file")
             sep = {"\\t": "\t", "tab": "\t"}.get(args.sep, args.sep)
             meta = prepare(args.input, args.out_dir, args.format, args.user_col, args.page_col, args.time_col,
-                           args.session_col, sep, args.session_gap, args.min_count, args.anchor_share, args.anchor_mass)
+                           args.session_col, sep, args.session_gap, args.min_count, args.anchor_share, args.anchor_mass,
+                           require_eval=True)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the previous dataset (if any) is unchanged", file=sys.stderr)
+        sys.exit(130)
     print(summary(meta))
 
 

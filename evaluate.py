@@ -314,6 +314,10 @@ def main(argv=None):
         sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
     if not args.baselines_only and not os.path.exists(args.ckpt):
         sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
+    if args.max_users < 0 or args.batch_size < 1:
+        sys.exit(f"error: --max_users={args.max_users} --batch_size={args.batch_size}: "
+                 "need max_users >= 0 (0: every user) and batch_size >= 1")
+    from configurator import ConfigError
     from data import load_data, DataError
     t0 = time.time()
     results = {}
@@ -327,7 +331,7 @@ def main(argv=None):
             data = load_data(args.data_dir or ckpt["config"]["data_dir"])
             if ckpt["tokenizer"]["pages"] != list(data.tokenizer.pages):
                 raise DataError(f"{args.ckpt} was trained on another vocabulary than {data.data_dir}")
-    except DataError as e:
+    except (DataError, ConfigError) as e:   # a bad dataset, checkpoint (model.CheckpointError) or --device
         sys.exit(f"error: {e}")
     if not args.baselines_only:
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set

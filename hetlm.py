@@ -134,6 +134,8 @@ def run(cfg):
         raise ConfigError(f"--vectors={cfg['vectors']}: expected 'tfidf' or 'model'")
     if cfg['cluster_iters'] < 1 or cfg['max_rounds'] < 0 or not 0 <= cfg['converge'] < 1:
         raise ConfigError("need --cluster_iters >= 1, --max_rounds >= 0 and 0 <= --converge < 1")
+    if cfg['eval_users'] < 0:
+        raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0: every user)")
     train.check_config(cfg)
     if os.path.normpath(cfg['data_dir']) == os.path.normpath(train.DEFAULTS['data_dir']):
         ensure_builtin(cfg['data_dir'])

@@ -24,12 +24,18 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 
 import math
 import inspect
+import numbers
+import os
+import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from configurator import ConfigError
+from tokenizer import SPECIALS
 
 
 @dataclass
@@ -233,10 +239,7 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        if config.n_clusters < 1 or config.cluster_scope not in SCOPES:
-            raise ValueError(f"n_clusters={config.n_clusters}, cluster_scope={config.cluster_scope!r}: "
-                             f"need n_clusters >= 1 and a scope in {SCOPES}")
+        check_gpt_config(config)
         self.config = config
         self.last_nll = None   # plain NLL of the last chunked loss (forward's docstring)
         K = config.n_clusters
@@ -408,10 +411,107 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
 
+MAX_PARAMS = 2 ** 31   # a model above this is refused before anything is allocated (a bad config or checkpoint)
+
+
+class CheckpointError(ConfigError):
+    """A file that is not a usable checkpoint; one line naming the file and what is wrong. A
+    ConfigError, so every script's run_main already prints it as one line and exits 2."""
+
+
+def check_gpt_config(config):
+    """One-line ConfigError for a GPTConfig that cannot build a model: wrong types, sizes < 1,
+    n_embd not a multiple of n_head, an unknown scope, or over MAX_PARAMS parameters (estimated
+    from the sizes, so absurd values are refused before any allocation)."""
+    c = config
+    for f in fields(GPTConfig):
+        v = getattr(c, f.name)
+        kind = {int: numbers.Integral, float: numbers.Real}.get(f.type, f.type)
+        if not isinstance(v, kind) or (f.type is not bool and isinstance(v, bool)):
+            raise ConfigError(f"{f.name}={v!r}: should be a {f.type.__name__}")
+    for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'n_clusters'):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name}={getattr(c, name)}: must be >= 1")
+    if c.cluster_scope not in SCOPES:
+        raise ConfigError(f"n_clusters={c.n_clusters}, cluster_scope={c.cluster_scope!r}: "
+                          f"need n_clusters >= 1 and a scope in {SCOPES}")
+    if c.n_embd % c.n_head:
+        raise ConfigError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
+    if not 0 <= c.dropout < 1:
+        raise ConfigError(f"dropout={c.dropout}: must be in [0, 1)")
+    # an upper bound (every weight per cluster), in Python ints: embeddings + head bias + blocks
+    C, K = c.n_embd, c.n_clusters
+    n = K * ((c.vocab_size + c.block_size) * C + c.vocab_size + c.n_layer * (12 * C * C + 13 * C) + 2 * C)
+    if n > MAX_PARAMS:
+        raise ConfigError(f"block_size={c.block_size} vocab_size={c.vocab_size} n_layer={c.n_layer} n_embd={C} "
+                          f"n_clusters={K}: up to {n:.3g} parameters, over the limit of {MAX_PARAMS:.3g}")
+
+
+def read_checkpoint(path, device='cpu'):
+    """The one reader of a checkpoint file (train.py's): the validated dict, or a CheckpointError
+    naming the file and what is wrong (missing, empty, cut short, not a torch file, objects that
+    weights_only refuses, missing keys, bad model_args, weights that do not fit model_args). Only
+    tensors and plain Python values are loaded (weights_only=True): a checkpoint cannot run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no checkpoint there" + (" (a folder)" if os.path.isdir(path) else ""))
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip/pickle/EOF/unpickling errors: every one means "not a usable checkpoint"
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's words for an object weights_only refuses
+        if unsafe:
+            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), refused: a checkpoint may "
+                                  "hold only tensors and plain values (weights_only=True), so it cannot run code") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (cut short, or not a PyTorch file; "
+                              f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    kinds = {'model': dict, 'model_args': dict, 'config': dict, 'tokenizer': dict, 'iter_num': int}
+    for key, kind in kinds.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path}: no {key!r} ({kind.__name__}) in it; not a checkpoint written by train.py")
+    args = ckpt['model_args']
+    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model_args {unknown}")
+    try:
+        config = GPTConfig(**args)
+        check_gpt_config(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: bad model_args: {e}") from None
+    tok = ckpt['tokenizer']
+    pages = tok.get('pages')
+    if not (isinstance(pages, list) and isinstance(tok.get('counts'), list)
+            and len(pages) == len(tok['counts']) == config.vocab_size and pages[:len(SPECIALS)] == SPECIALS
+            and all(isinstance(p, str) for p in pages) and len(set(pages)) == len(pages)):
+        raise CheckpointError(f"{path}: its tokenizer is not the specials then {config.vocab_size - len(SPECIALS)} "
+                              "distinct pages with their counts (vocab_size in model_args)")
+    if not isinstance(ckpt['config'].get('data_dir'), str):
+        raise CheckpointError(f"{path}: config has no data_dir")
+    with torch.device('meta'):  # the expected shapes, nothing allocated
+        want = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    state = ckpt['model']
+    for name, shape in want.items():
+        t = state.get(name)
+        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+            got = 'missing' if t is None else tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)}")
+    extra = sorted(set(state) - set(want))
+    if extra:
+        raise CheckpointError(f"{path}: weights {extra[:3]} do not belong to the model its model_args describe")
+    clusters = ckpt.get('clusters')
+    if clusters is not None and not (isinstance(clusters, torch.Tensor) and clusters.ndim == 1
+                                     and not clusters.is_floating_point() and len(clusters) > 0
+                                     and 0 <= int(clusters.min()) and int(clusters.max()) < config.n_clusters):
+        raise CheckpointError(f"{path}: its user -> cluster assignment is not ids in [0, {config.n_clusters})")
+    return ckpt
+
+
 def load_checkpoint(path, device='cpu'):
-    """Load a checkpoint written by train.py -> (model in eval mode, checkpoint dict).
-    Checkpoints hold only tensors and plain Python values, so weights_only=True works."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint written by train.py -> (model in eval mode, checkpoint dict), validated by
+    read_checkpoint (a CheckpointError, one line, for anything wrong)."""
+    ckpt = read_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     model.to(device)
@@ -494,8 +594,22 @@ def pick_dtype(name, device):
 
 
 def resolve_device(name):
-    """'auto' -> cuda if available, then mps, then cpu; anything else as given."""
+    """'auto' -> cuda if available, then mps, then cpu; anything else as given, once checked
+    (a ConfigError, one line, for a device this machine does not have)."""
     if name != 'auto':
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device={name}: not a device (expected auto, cpu, cuda, cuda:N or mps)") from None
+        if dev.type == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
+        if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, 'mps', None)
+        if dev.type == 'mps' and not (mps is not None and mps.is_available()):
+            raise ConfigError(f"--device={name}: MPS is not available on this machine; use --device=cpu or auto")
+        if dev.type not in ('cpu', 'cuda', 'mps'):
+            raise ConfigError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
         return name
     if torch.cuda.is_available():
         return 'cuda'

@@ -14,6 +14,7 @@ It prints (test split, per-user NLL):
    their training events, as refinement and sample.py assign): adjusted Rand index against the
    segments and test NLL, i.e. how much of the oracle's gain a behaviour-based assignment keeps.
 """
+import os
 import sys
 
 import numpy as np
@@ -44,10 +45,11 @@ def run(cfg):
     dev = resolve_device(cfg['device'])
     runs = {}
     for name in ('true', 'kmeans', 'random'):
-        try:
-            runs[name] = load_checkpoint(cfg[name], dev)
-        except FileNotFoundError:
-            raise ConfigError(f"--{name}={cfg[name]}: no checkpoint there (README: the commands above)") from None
+        if not os.path.isfile(cfg[name]):
+            raise ConfigError(f"--{name}={cfg[name]}: no checkpoint there (README: the commands above)")
+        runs[name] = load_checkpoint(cfg[name], dev)   # model.CheckpointError (a ConfigError) if it is not one
+        if runs[name][1].get('clusters') is None:
+            raise ConfigError(f"--{name}={cfg[name]}: not a clusterwise checkpoint (no user -> cluster assignment)")
     data = load_data(runs['true'][1]['config']['data_dir'])
     if data.segments is None:
         raise DataError(f"{data.data_dir} has no true segments (segments.npy): only a simulated dataset has them")

@@ -110,6 +110,18 @@ def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, d
     return out
 
 
+def read_history_file(path):
+    """The text of a history file, or a one-line ConfigError naming the line that is not UTF-8."""
+    from configurator import ConfigError
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ConfigError(f"--history_file={path}:{line}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+
+
 def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0):
     pages = [p for p in tokenizer.decode(ids) if not p.startswith('<') or p == '<unk>']
     tail = ' '.join(pages[-12:])
@@ -137,6 +149,9 @@ def run(cfg):
         raise ConfigError(f"no checkpoint at {path}; train one first (python train.py --stage=1) or set --out_dir")
     if cfg['temperature'] < 0:
         raise ConfigError(f"--temperature={cfg['temperature']}: must be >= 0")
+    for k in ('top_k', 'num_samples', 'max_new_tokens', 'num_users', 'sample_top_k'):
+        if cfg[k] < 0:
+            raise ConfigError(f"--{k}={cfg[k]}: must be >= 0")
     dev = resolve_device(cfg['device'])
     model, ckpt = load_checkpoint(path, dev)
     tokenizer = PageTokenizer(ckpt['tokenizer']['pages'], ckpt['tokenizer']['counts'])
@@ -148,8 +163,7 @@ def run(cfg):
     if cfg['history_file']:
         if not os.path.isfile(cfg['history_file']):
             raise ConfigError(f"--history_file={cfg['history_file']}: file not found")
-        with open(cfg['history_file'], encoding='utf-8') as f:
-            text = f.read()
+        text = read_history_file(cfg['history_file'])
     if text:
         sessions = parse_history(text)
         if not sessions:
