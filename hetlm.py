@@ -56,7 +56,7 @@ OWN = {k: v for k, v in dict(globals()).items()
        if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # the comparisons need runs of fixed length: no time budget, no early stop (the controls train as long)
 DEFAULTS = {**train.DEFAULTS, 'tail_weight': 1.0, 'best_metric': 'nll', 'final_eval': False, 'time_budget': 0.0,
-            'patience': 0, **OWN}
+            'patience': 0, 'overwrite': True, **OWN}   # it reuses or replaces its own runs (done.json)
 
 
 def train_cfg(cfg, name, **over):

@@ -78,7 +78,7 @@ def derive(cfg, s):
     its = math.ceil(cfg['epochs'] * D / cfg['batch_tokens'])
     rule('max_iters', max(1000, its), f"{cfg['epochs']} epochs of {D:,} tokens in batches of {cfg['batch_tokens']:,}")
     rule('warmup_iters', min(100, cfg['max_iters'] // 20), "5% of the iterations, at most 100")
-    rule('eval_interval', max(50, cfg['max_iters'] // 20), "about 20 validations per run")
+    rule('eval_interval', min(cfg['max_iters'], max(50, cfg['max_iters'] // 20)), "about 20 validations per run")
     return cfg, out
 
 

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, run_main
-from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, resolve_device
+from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
 from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
@@ -61,6 +61,7 @@ eval_users = 2000              # validation users scored at each eval (0 = all);
 best_metric = 'auto'           # validation metric that picks best.pt ('nll' lower, others higher);
                                #   auto: ndcg@10 in stage 1, hmean (anchor/tail accuracy) in stage 2
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when best improves
+overwrite = False              # a new run may replace the checkpoints of another run in out_dir
 final_eval = True              # score best.pt on val and test at the end (tables, results.json)
 # Settings marked "data" are derived from the prepared dataset when left at 0 (-1 where 0 is a
 # real value) by the rules in recipe.py, printed at start with their reasons and stored in the
@@ -203,10 +204,17 @@ class BatchSchedule:
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file of this process, then os.replace: a crash or a full disk never
+    leaves a torn checkpoint, and two writers never share a temporary file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ConfigError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
+                          "the previous one is unchanged") from None
 
 
 def plain(x):
@@ -241,6 +249,10 @@ def check_config(cfg):
     for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters'):
         if cfg[k] < 0 and cfg[k] != AUTO[k]:
             raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
+    if cfg['eval_users'] < 0:
+        raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0 = all)")
+    if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
+        raise ConfigError(f"--out_dir={cfg['out_dir']}: exists and is not a folder")
     if cfg['time_budget'] < 0 or cfg['patience'] < 0:
         raise ConfigError(f"--time_budget={cfg['time_budget']} --patience={cfg['patience']}: must be >= 0 (0 = off)")
     if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
@@ -450,7 +462,7 @@ def train(cfg):
     stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
     ckpt_path, best_path = os.path.join(stage_dir, 'ckpt.pt'), os.path.join(stage_dir, 'best.pt')
     if master:
-        os.makedirs(stage_dir, exist_ok=True)
+        claim_stage_dir(stage_dir, cfg)
 
     # the run we continue, if any: stage 1's best model (stage 2), or our own latest checkpoint (resume)
     ckpt, ref_model, s1 = None, None, None
@@ -469,7 +481,7 @@ def train(cfg):
     if cfg['init_from'] == 'resume':
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         if ckpt['tokenizer']['pages'] != data.tokenizer.pages:
             raise ConfigError(f"--init_from=resume: {ckpt_path} was trained on another vocabulary than {cfg['data_dir']}")
     prior = ckpt or s1
@@ -605,7 +617,7 @@ def train(cfg):
     deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # in seconds of elapsed()
     model.train()
     t0, tokens_seen, loss_acc, nll_acc = time.time(), 0, None, 0.0
-    t_iters, n_iters, stop = 0.0, 0, None     # time in training steps (not validation), for the budget
+    step_secs, stop = [], None                # time of each training step (not validation), for the budget
     bar = tqdm(total=cfg['max_iters'], initial=iter_num, desc=f"stage {cfg['stage']}", unit='it',
                disable=not master or None, dynamic_ncols=True)
     while iter_num < cfg['max_iters'] and stop is None:
@@ -643,24 +655,25 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update(1)
-        n_iters, t_iters = n_iters + 1, t_iters + time.time() - t_step
+        step_secs.append(time.time() - t_step)
+        sec_per_iter = float(np.median(step_secs[-100:]))       # the median: robust to a slow step
 
         # time budget: after a few iterations, and after each validation, check the plan still fits
-        if deadline < math.inf and (n_iters == 25 or iter_num % cfg['eval_interval'] == 0):
-            per_eval = np.mean(eval_secs) if eval_secs else 5 * t_iters / n_iters   # a guess until one ran
-            new = replan(cfg, iter_num, t_iters / n_iters, per_eval, deadline - elapsed())
+        if deadline < math.inf and (len(step_secs) == 10 or iter_num % cfg['eval_interval'] == 0):
+            per_eval = np.mean(eval_secs) if eval_secs else 20 * sec_per_iter   # a guess until one ran
+            new = replan(cfg, iter_num, sec_per_iter, per_eval, deadline - elapsed())
             if new is not None and new < cfg['max_iters']:
                 if any(k == 'eval_interval' for k, _, _ in derived):   # keep about 20 validations
                     cfg['eval_interval'] = max(1, min(cfg['eval_interval'], (new - iter_num) // 20 or 1))
                 if master:
                     tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
-                               f"fit at {t_iters / n_iters * 1000:.0f} ms each; the run now ends at iteration {new:,} "
+                               f"fit at {sec_per_iter * 1000:.0f} ms each; the run now ends at iteration {new:,} "
                                f"(learning rate decays to there; validation every {cfg['eval_interval']:,})")
                 cfg['max_iters'], cfg['lr_decay_iters'] = new, min(cfg['lr_decay_iters'], new)
                 bar.total = new
         if iter_num % cfg['log_interval'] == 0 and master:
             dt = time.time() - t0
-            left = (cfg['max_iters'] - iter_num) * t_iters / max(1, n_iters)
+            left = (cfg['max_iters'] - iter_num) * sec_per_iter
             tqdm.write(f"iter {iter_num}/{cfg['max_iters']}: train nll {nll_acc.item() / cfg['log_interval']:.4f}"
                        + (f" (weighted loss {loss_acc.item() / cfg['log_interval']:.4f})" if weight is not None else "")
                        + f", lr {lr:.2e}, {tokens_seen * world / dt:,.0f} target tokens/s, "
@@ -692,9 +705,24 @@ def train(cfg):
     return results
 
 
+def claim_stage_dir(stage_dir, cfg):
+    """A new run never replaces another run's checkpoints unless told to (--overwrite=True): it
+    refuses with one line naming the ways on. --init_from=resume continues the run there."""
+    os.makedirs(stage_dir, exist_ok=True)
+    held = [f for f in ('ckpt.pt', 'best.pt') if os.path.isfile(os.path.join(stage_dir, f))]
+    if cfg['init_from'] == 'resume' or not held:
+        return
+    if not cfg['overwrite']:
+        raise ConfigError(f"{stage_dir} holds another run ({', '.join(held)}); continue it with --init_from=resume, "
+                          f"replace it with --overwrite=True, or choose another --out_dir")
+    for f in ('ckpt.pt', 'best.pt', 'results.json'):   # told to: the old run goes, so no file mixes the two
+        if os.path.isfile(os.path.join(stage_dir, f)):
+            os.remove(os.path.join(stage_dir, f))
+
+
 def warm_start(model, cfg, data, master):
     """HeTLM warm start: weights from another run's checkpoint; a 1-set model is copied into every set."""
-    src = torch.load(cfg['init_from'], map_location='cpu', weights_only=True)
+    src = read_checkpoint(cfg['init_from'])
     if src['tokenizer']['pages'] != data.tokenizer.pages:
         raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")
     try:

@@ -131,3 +131,61 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
     groups = train.window_clusters(data, w, assignment)
     for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
         assert len(np.unique(groups[b])) == 1
+
+
+def test_early_stop_when_validation_stops_improving(small_data, tmp_path, capsys):
+    # a learning rate too small to change any ranking: the first validation stays the best
+    train.train(config(small_data, tmp_path, max_iters=200, eval_interval=10, patience=2, learning_rate=1e-9,
+                       min_lr=1e-10, final_eval=False))
+    ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 30 and ckpt['best_iter'] == 10
+    assert 'early stop at iteration 30' in capsys.readouterr().out
+
+
+def test_replan_fits_the_budget_and_keeps_a_plan_that_fits():
+    cfg = dict(train.DEFAULTS, max_iters=1000, eval_interval=50)
+    assert train.replan(cfg, 100, 0.01, 1.0, 60.0) is None           # 9 s of steps + 18 s of validation: fits
+    new = train.replan(cfg, 100, 0.1, 1.0, 60.0)                     # 90 s + 18 s does not
+    assert 100 < new < 1000 and (new - 100) * 0.1 + 18 * 1.0 <= 60.0 + 1e-9
+
+
+def test_time_budget_ends_the_schedule_inside_it(small_data, tmp_path, capsys):
+    import time
+    t = time.time()
+    train.train(config(small_data, tmp_path, max_iters=100_000, eval_interval=100, time_budget=0.1,
+                       final_eval=False))
+    assert time.time() - t < 30
+    ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    c = ckpt['config']
+    assert 10 <= ckpt['iter_num'] <= c['max_iters'] < 100_000    # re-planned after 10 steps, not just cut off
+    assert 'time budget 0.1 min' in capsys.readouterr().out
+    if ckpt['iter_num'] == c['max_iters']:    # the usual case: the decay ran to its end
+        assert train.get_lr(ckpt['iter_num'], c) == c['min_lr']
+
+
+def test_zero_flag_settings_are_stored_and_kept_on_resume(small_data, tmp_path, capsys):
+    base = dict(train.DEFAULTS, data_dir=small_data, out_dir=str(tmp_path), eval_users=100, final_eval=False,
+                epochs=1, time_budget=0.0)
+    train.train(dict(base, max_iters=12))
+    out = capsys.readouterr().out
+    assert 'settings from the data' in out and 'block_size' in out
+    first = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert {k for k, _, _ in first['derived']} >= {'block_size', 'n_embd', 'dropout', 'learning_rate'}
+    assert all(first['config'][k] != train.AUTO[k] for k in train.AUTO)
+    train.train(dict(base, max_iters=16, init_from='resume'))
+    again = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    assert again['iter_num'] == 16 and 'settings from the data' not in capsys.readouterr().out
+    for k in ('block_size', 'n_embd', 'dropout', 'learning_rate', 'batch_tokens', 'warmup_iters'):
+        assert again['config'][k] == first['config'][k]
+
+
+def test_a_new_run_never_replaces_another_runs_checkpoints(small_data, tmp_path):
+    cfg = config(small_data, tmp_path, max_iters=10, final_eval=False)
+    train.train(cfg)
+    best = (tmp_path / 'stage1' / 'best.pt').read_bytes()
+    with pytest.raises(train.ConfigError, match='init_from=resume.*overwrite=True'):
+        train.train(dict(cfg, learning_rate=1e-5))
+    assert (tmp_path / 'stage1' / 'best.pt').read_bytes() == best
+    train.train(dict(cfg, max_iters=12, init_from='resume'))          # continuing is not replacing
+    train.train(dict(cfg, overwrite=True, max_iters=5))                # told to
+    assert torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)['iter_num'] == 5

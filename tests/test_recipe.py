@@ -1,0 +1,43 @@
+"""recipe.py: settings derived from the data's statistics; explicit settings win."""
+import train
+from recipe import AUTO, derive, describe
+
+
+def stats(**kw):
+    s = dict(users=5000, eval_users=4900, pages=400, train_tokens=175_000, train_events=150_000,
+             len_p50=31.0, len_p90=63.0, session_len=7.7, repeat_rate=0.4)
+    s.update(kw)
+    return s
+
+
+def test_every_auto_setting_is_derived_with_a_reason():
+    cfg, reasons = derive(dict(train.DEFAULTS), stats())
+    assert {k for k, _, _ in reasons} == set(AUTO)
+    assert all(cfg[k] != AUTO[k] for k in AUTO) and all(why for _, _, why in reasons)
+    assert cfg['n_embd'] % cfg['n_head'] == 0 and cfg['min_lr'] < cfg['learning_rate']
+    assert 0 <= cfg['warmup_iters'] < cfg['max_iters'] and cfg['eval_interval'] <= cfg['max_iters']
+    text = describe(reasons, stats())
+    assert all(k in text for k in AUTO) and '5,000 users' in text
+
+
+def test_longer_histories_get_a_longer_context():
+    short, _ = derive(dict(train.DEFAULTS), stats(len_p90=12.0))
+    mid, _ = derive(dict(train.DEFAULTS), stats(len_p90=63.0))
+    long, _ = derive(dict(train.DEFAULTS), stats(len_p90=900.0))
+    assert short['block_size'] < mid['block_size'] < long['block_size']
+    assert long['batch_tokens'] >= 16 * long['block_size']     # still 16 rows per micro-batch
+
+
+def test_more_data_more_iterations_and_a_wider_model():
+    small, _ = derive(dict(train.DEFAULTS), stats())
+    big, _ = derive(dict(train.DEFAULTS), stats(train_tokens=20_000_000))
+    assert big['max_iters'] > small['max_iters'] and big['n_embd'] > small['n_embd']
+    assert big['dropout'] <= small['dropout']
+
+
+def test_explicit_settings_win():
+    given = dict(train.DEFAULTS, block_size=100, dropout=0.0, max_iters=7, learning_rate=1e-4)
+    cfg, reasons = derive(given, stats(len_p90=900.0))
+    assert (cfg['block_size'], cfg['dropout'], cfg['max_iters'], cfg['learning_rate']) == (100, 0.0, 7, 1e-4)
+    assert not {'block_size', 'dropout', 'max_iters', 'learning_rate'} & {k for k, _, _ in reasons}
+    assert cfg['min_lr'] == 1e-5 and cfg['eval_interval'] >= 1   # rules that depend on them follow them
