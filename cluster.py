@@ -1,10 +1,12 @@
 """
-Cluster users by their behavior: the first half of HeTLM's clusterwise model (issue 4).
+Cluster users by their behavior: the first half of HeTLM's clusterwise model.
 
 HeTLM (Sundaresan et al., EMNLP 2025) does not ask one language model to fit every user: it encodes
 each user's browsing with a frozen encoder, groups the users with k-means, and gives each group its
 own parameter set, so deal hunters and researchers need not share one next-page distribution. This
-file makes the groups; the clusterwise GPT that trains one parameter set per cluster comes next.
+file makes the groups (and, with --refine, moves users to the set that predicts them best);
+model.py holds the K parameter sets, `python train.py --n_clusters=K` trains them, and hetlm.py
+runs the whole loop (K sweep, refinement, controls).
 
 A user's vector is built from their TRAINING events only (tokens[offsets[u]:train_end[u]]), never
 from a validation or test page:

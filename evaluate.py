@@ -1,7 +1,7 @@
 """
 Next-page evaluation: leave-last-out, full ranking over all pages, as SASRec and RecBole report it.
 
-Protocol (DESIGN.md, "Evaluation"):
+Protocol (README, "Evaluation protocol"):
   1. each user with >= 3 pages has one validation target (the page before the last) and one test
      target (the last page); the context is everything before the target (truncated for the model);
   2. every page in the vocabulary is ranked for every example (no sampled negatives); special
@@ -142,6 +142,7 @@ def eval_set(data, split, max_users=None, seed=0):
         users, ctx_start, ctx_end, targets = users[keep], ctx_start[keep], ctx_end[keep], targets[keep]
     return users, ctx_start, ctx_end, targets
 
+EVAL_TOKENS = 1 << 14  # context tokens per model pass at most (block 256: 64 users); bounds eval memory
 EVAL_LOGITS = 1 << 25  # scores per evaluation batch at most (128 MB in fp32): with 200,000 pages, 167 users
 
 
@@ -189,10 +190,13 @@ def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_id
         cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    h = model.hidden_states(idx, cluster_ids)                            # (B, T, C)
     last = torch.as_tensor(lengths - 1, device=device)
-    h_last = h[torch.arange(len(lengths), device=device), last]          # (B, C)
-    logits = model.head(h_last, cluster_ids)                             # (B, V)
+    h_last, rows = [], max(1, EVAL_TOKENS // T)
+    for s in range(0, len(idx), rows):   # sub-batches bound the activations (rows, T, 4C) and attention
+        cid = None if cluster_ids is None else cluster_ids[s:s + rows]
+        h = model.hidden_states(idx[s:s + rows], cid)                    # (rows, T, C)
+        h_last.append(h[torch.arange(h.size(0), device=device), last[s:s + rows]])
+    logits = model.head(torch.cat(h_last), cluster_ids)                  # (B, V) at each context's last position
     model.train(was_training)
     return logits.float()
 
