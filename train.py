@@ -694,6 +694,10 @@ def train(cfg):
     bar.close()
     if master:
         print(stop or f"finished {iter_num:,} iterations in {fmt_time(elapsed())} (best at iteration {best_iter:,})")
+        if cfg['stage'] == 2 and best_iter == 0:
+            print(f"stage 2 keeps the stage-1 model: no fine-tuned checkpoint beat its validation {cfg['best_metric']} "
+                  f"({best_val:.4f}), so best.pt is stage 1's weights; a lower --stage2_learning_rate, "
+                  f"--kl_weight > 0 or --prior_keep=1 change less of it")
 
     results = None
     if master and cfg['final_eval']:

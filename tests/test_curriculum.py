@@ -66,7 +66,7 @@ def test_classification_metrics_by_hand():
     assert m['w_prec'] == pytest.approx((0.5 * 2 + (1 / 3) * 1 + 0) / 4)
 
 
-def test_stage2_starts_from_stage1_and_lifts_the_tail(tmp_path):
+def test_stage2_starts_from_stage1_and_lifts_the_tail(tmp_path, capsys):
     path = str(tmp_path / 'shop')
     make_builtin(path, n_users=500)
     common = dict(train.DEFAULTS, data_dir=path, out_dir=str(tmp_path / 'out'), eval_interval=100, log_interval=100,
@@ -79,3 +79,10 @@ def test_stage2_starts_from_stage1_and_lifts_the_tail(tmp_path):
     assert ckpt2['config']['stage'] == 2 and ckpt2['config']['max_iters'] == 100
     v1, v2 = s1['val']['gpt (best.pt)'], s2['val']['gpt (best.pt)']
     assert v2['acc_tail'] > v1['acc_tail']                          # the point of stage 2
+    # a stage 2 that cannot beat stage 1 says so, and keeps stage 1's weights as its best.pt
+    train.train(dict(common, stage=2, stage2_iters=20, stage2_learning_rate=1e-9, out_dir=str(tmp_path / 'out'),
+                     overwrite=True, final_eval=False))
+    kept = torch.load(tmp_path / 'out' / 'stage2' / 'best.pt', weights_only=True)
+    assert kept['iter_num'] == 0 and 'stage 2 keeps the stage-1 model' in capsys.readouterr().out
+    for k in ckpt1['model']:
+        assert torch.equal(kept['model'][k], ckpt1['model'][k])
