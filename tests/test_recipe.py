@@ -28,11 +28,14 @@ def test_longer_histories_get_a_longer_context():
     assert long['batch_tokens'] >= 16 * long['block_size']     # still 16 rows per micro-batch
 
 
-def test_more_data_more_iterations_and_a_wider_model():
+def test_more_data_more_iterations_and_a_big_catalogue_with_data_a_wider_model():
     small, _ = derive(dict(train.DEFAULTS), stats())
     big, _ = derive(dict(train.DEFAULTS), stats(train_tokens=20_000_000))
-    assert big['max_iters'] > small['max_iters'] and big['n_embd'] > small['n_embd']
-    assert big['dropout'] <= small['dropout']
+    assert big['max_iters'] > small['max_iters']
+    shop, _ = derive(dict(train.DEFAULTS), stats(pages=3600, train_events=400_000))       # 111 events a page
+    sparse, _ = derive(dict(train.DEFAULTS), stats(pages=20_000, train_events=300_000))   # 15 events a page
+    assert shop['n_embd'] > small['n_embd'] == sparse['n_embd']
+    assert shop['n_embd'] % shop['n_head'] == 0 and shop['learning_rate'] < small['learning_rate']
 
 
 def test_explicit_settings_win():
