@@ -183,12 +183,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None):
         N, V = h.size(0), W.size(0)
+        n_rows = N
         cdt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
         with torch.autocast(h.device.type, enabled=False):
             Wc = W.to(cdt)
             rows = max(16, LOSS_CHUNK // V) if V <= LOSS_CHUNK // 16 else BIG_VOCAB_ROWS
             if cdt != torch.float32:   # fewer, larger chunks: each one adds a (V, C) product into gW
                 rows = max(rows, LOW_PRECISION_ROWS)
+                # and every chunk of the same size: oneDNN builds (and caches) bf16 kernels per shape,
+                # and a last chunk of N % rows rows is a new shape nearly every batch; the padding
+                # rows weigh 0, so they add nothing to the loss or the gradients
+                pad = -N % rows
+                if pad:
+                    h = torch.cat([h, h.new_zeros(pad, h.size(1))])
+                    t, w = torch.cat([t, t.new_zeros(pad)]), torch.cat([w, w.new_zeros(pad)])
+                    if bias_rows is not None:
+                        bias_rows = torch.cat([bias_rows, bias_rows.new_zeros(pad)])
+                    N = N + pad
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
@@ -218,7 +229,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                         zc = z.to(cdt)
                         gh[s:s + rows] = zc @ Wc
                         gW += zc.t() @ hc
-        ctx.save_for_backward(gh, gW, gb)
+        losses, w = losses[:n_rows], w[:n_rows]                            # without the padding rows
+        ctx.save_for_backward(None if gh is None else gh[:n_rows], gW, gb)
         ctx.dtypes = (h.dtype, W.dtype)
         ctx.mark_non_differentiable(losses)
         return (losses * w).sum(), losses
