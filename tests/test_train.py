@@ -189,3 +189,17 @@ def test_a_new_run_never_replaces_another_runs_checkpoints(small_data, tmp_path)
     train.train(dict(cfg, max_iters=12, init_from='resume'))          # continuing is not replacing
     train.train(dict(cfg, overwrite=True, max_iters=5))                # told to
     assert torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)['iter_num'] == 5
+
+
+def test_a_full_disk_leaves_the_checkpoints_as_they_were(small_data, tmp_path):
+    train.train(config(small_data, tmp_path, max_iters=10, final_eval=False))
+    before = {f: (tmp_path / 'stage1' / f).read_bytes() for f in ('ckpt.pt', 'best.pt')}
+    cmd = (f"ulimit -f 40; exec {sys.executable} train.py --data_dir={small_data} --out_dir={tmp_path} "
+           "--init_from=resume --max_iters=20 --eval_interval=10 --batch_tokens=512 --block_size=32 --n_layer=1 "
+           "--n_embd=32 --eval_users=100 --final_eval=False")     # files over 20 KB cannot be written
+    out = subprocess.run(['bash', '-c', cmd], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert 'cannot write the checkpoint' in out.stderr and 'unchanged' in out.stderr
+    assert {f: (tmp_path / 'stage1' / f).read_bytes() for f in before} == before
+    assert not [p for p in os.listdir(tmp_path / 'stage1') if '.tmp' in p]   # no torn temporary file left
