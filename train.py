@@ -82,7 +82,9 @@ max_iters = 0                  # data: from `epochs`; the time budget may shorte
 epochs = 40                    # passes over the training tokens that max_iters is derived from
 time_budget = 10.0             # minutes of training (validations included) a run may take; 0 = no limit.
                                #   The schedule is re-planned to end, decay included, within it
-patience = 5                   # stop after this many validations without a better best_metric; 0 = never
+patience = 5                   # stop after this many validations without a better best_metric or NLL; 0 = never
+cooldown = 0.25                # an early stop at a high learning rate first reloads best.pt and decays the
+                               #   learning rate to min_lr over this fraction of best.pt's iterations; 0 = off
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
@@ -127,8 +129,12 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope')
 
 
-def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+def get_lr(it, cfg, cool=None):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters. In a cooldown
+    (cool = [start, lr], after an early stop) a linear decay from lr at start to min_lr at max_iters."""
+    if cool:
+        start, lr = cool
+        return lr + min(1.0, (it - start) / max(1, cfg['max_iters'] - start)) * (cfg['min_lr'] - lr)
     if not cfg['decay_lr']:
         return cfg['learning_rate']
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -531,12 +537,14 @@ def train(cfg):
     # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
     # evaluations of the same model); a run stops only when neither improved for `patience` of them
     progress = {'nll': math.inf, 'iter': 0}
+    cool = None              # [iteration, learning rate] where a cooldown from best.pt began
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_val, best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
         best_iter, elapsed_before = ckpt.get('best_iter', iter_num), ckpt.get('elapsed', 0.0)
         progress = ckpt.get('progress', {'nll': math.inf, 'iter': best_iter})
+        cool = ckpt.get('cooldown')
         torch.set_rng_state(ckpt['rng_state'][rank % len(ckpt['rng_state'])])
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -576,7 +584,7 @@ def train(cfg):
             return
         save_atomic({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter, 'progress': progress,
+            'model_args': model_args, 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter, 'progress': progress, 'cooldown': cool,
             'best_metrics': plain(best_metrics), 'config': dict(cfg), 'derived': derived, 'rng_state': rng_states, 'elapsed': elapsed(),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
@@ -634,7 +642,7 @@ def train(cfg):
                disable=not master or None, dynamic_ncols=True)
     while iter_num < cfg['max_iters'] and stop is None:
         t_step = time.time()
-        lr = get_lr(iter_num, cfg)
+        lr = get_lr(iter_num, cfg, cool)
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(ga):
@@ -697,8 +705,25 @@ def train(cfg):
             eval_and_checkpoint()
             t0, tokens_seen = time.time(), 0
             if cfg['patience'] and (iter_num - progress['iter']) >= cfg['patience'] * cfg['eval_interval']:
-                stop = (f"early stop at iteration {iter_num}: neither validation {cfg['best_metric']} nor NLL has "
-                        f"improved for {cfg['patience']} evaluations (best {cfg['best_metric']} at iteration {best_iter})")
+                why = (f"neither validation {cfg['best_metric']} nor NLL has improved for {cfg['patience']} "
+                       f"evaluations (best {cfg['best_metric']} at iteration {best_iter})")
+                best_lr = get_lr(best_iter, cfg, cool)
+                if cfg['stage'] == 1 and cool is None and cfg['cooldown'] > 0 and best_lr > 2 * cfg['min_lr']:
+                    # best.pt was taken at a high learning rate: anneal it instead of stopping there
+                    if ddp:
+                        torch.distributed.barrier()   # best.pt is written
+                    state = read_checkpoint(best_path)
+                    raw_model.load_state_dict(state['model'])
+                    optimizer.load_state_dict(state['optimizer'])
+                    cool, progress['iter'] = [iter_num, best_lr], iter_num
+                    cfg['max_iters'] = iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * best_iter))
+                    bar.total = cfg['max_iters']
+                    if master:
+                        tqdm.write(f"cooldown at iteration {iter_num}: {why}; best.pt's weights now train "
+                                   f"{cfg['max_iters'] - iter_num:,} more iterations, learning rate {best_lr:.2e} -> "
+                                   f"{cfg['min_lr']:.2e}")
+                else:
+                    stop = f"early stop at iteration {iter_num}: {why}"
         if stop is None and elapsed() > deadline:
             stop = f"time budget of {cfg['time_budget']:g} min reached at iteration {iter_num}"
             if iter_num % cfg['eval_interval'] != 0:

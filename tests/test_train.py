@@ -135,11 +135,20 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
 
 def test_early_stop_when_validation_stops_improving(small_data, tmp_path, capsys):
     # a learning rate too small to change any ranking: the first validation stays the best
-    train.train(config(small_data, tmp_path, max_iters=200, eval_interval=10, patience=2, learning_rate=1e-9,
-                       min_lr=1e-10, final_eval=False))
+    run = config(small_data, tmp_path, max_iters=200, eval_interval=10, patience=2, learning_rate=1e-9,
+                 min_lr=1e-10, final_eval=False)
+    train.train(dict(run, cooldown=0.0))
     ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 30 and ckpt['best_iter'] == 10
     assert 'early stop at iteration 30' in capsys.readouterr().out
+    # with a cooldown: best.pt (iteration 10, at the peak rate) trains on, its rate decaying to min_lr
+    train.train(dict(run, cooldown=2.0, overwrite=True))
+    ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
+    out = capsys.readouterr().out
+    assert 'cooldown at iteration 30' in out and 'early stop at iteration 30' not in out
+    assert ckpt['iter_num'] == 30 + 20 and ckpt['cooldown'][0] == 30     # 2.0 x the 10 iterations of best.pt
+    assert train.get_lr(50, ckpt['config'], ckpt['cooldown']) == pytest.approx(1e-10)
+    assert train.get_lr(40, ckpt['config'], ckpt['cooldown']) == pytest.approx((1e-9 + 1e-10) / 2, rel=0.05)
 
 
 def test_replan_fits_the_budget_and_keeps_a_plan_that_fits():
