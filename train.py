@@ -415,10 +415,9 @@ def fill_settings(cfg, data, prior, master):
     reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data)."""
     reasons = []
     if prior is not None:
-        inherited = {k for k, _, _ in prior.get('derived', [])}
         reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
         for k, auto in AUTO.items():
-            if cfg[k] == auto and (k in inherited or prior['config'][k] != auto):
+            if cfg[k] == auto and k in prior['config']:
                 cfg[k] = prior['config'][k]
     if any(cfg[k] == auto for k, auto in AUTO.items()):
         stats = data_stats(data)
