@@ -503,6 +503,7 @@ def building(data_dir):
     if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "meta.json")) and \
             any(e.is_dir() for e in os.scandir(target)):  # a guard against --out_dir=~ and the like
         raise DataError(f"{data_dir}: holds folders and is not a prepared dataset; prepare into a new folder")
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)   # data/ does not exist on a fresh clone
     clean_leftovers(target)
     tmp, old = f"{target}.tmp{os.getpid()}", f"{target}.old{os.getpid()}"
     try:

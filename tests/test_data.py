@@ -242,3 +242,9 @@ def test_anchor_fallback_when_no_page_passes_the_share():
     counts = np.r_[np.zeros(4, dtype=np.int64), [500], np.full(100, 5)]
     ids, rule, _ = anchor_split(counts, anchor_share=0.01)
     assert rule == "share" and ids.tolist() == [4]
+
+
+def test_prepare_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
+    # a fresh clone has no data/ folder: the built-in dataset goes to data/builtin
+    meta = data.make_builtin(str(tmp_path / "data" / "builtin"), n_users=30)
+    assert load_data(str(tmp_path / "data" / "builtin")).n_users == meta["n_users"] == 30
