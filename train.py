@@ -432,12 +432,10 @@ def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
     """A shorter run when the plan would overrun the time budget: the largest max_iters whose
     iterations and validations fit in sec_left, with the cosine decay re-aimed at it (so the
     learning rate still ends at min_lr, not mid-peak). Returns the new max_iters, or None."""
-    left = cfg['max_iters'] - iter_num
-    if left * sec_per_iter + left / cfg['eval_interval'] * sec_per_eval <= 1.02 * sec_left:
+    per_iter = sec_per_iter + sec_per_eval / cfg['eval_interval']      # a step and its share of validation
+    if (cfg['max_iters'] - iter_num) * per_iter <= 1.02 * sec_left:
         return None
-    evals = min(20, left / cfg['eval_interval'])                      # validations still to come
-    its = int(max(0.0, sec_left - evals * sec_per_eval) / sec_per_iter)
-    return iter_num + max(1, its)
+    return iter_num + max(1, int(sec_left / per_iter))
 
 
 def train(cfg):
@@ -611,6 +609,14 @@ def train(cfg):
 
     eval_secs = []   # how long each validation took: the time budget plans with it
 
+    def agree(value):
+        """The first process's value, on every process (decisions that must not differ under DDP)."""
+        if not ddp:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def eval_and_checkpoint():
         nonlocal best_iter
         t = time.time()
@@ -678,12 +684,13 @@ def train(cfg):
         sec_per_iter = float(np.median(step_secs[-100:]))       # the median: robust to a slow step
 
         # time budget: after a few iterations, and after each validation, check the plan still fits
+        # (the first process decides for all, so every process runs the same schedule)
         if deadline < math.inf and (len(step_secs) == 10 or iter_num % cfg['eval_interval'] == 0):
             per_eval = np.mean(eval_secs) if eval_secs else 20 * sec_per_iter   # a guess until one ran
-            new = replan(cfg, iter_num, sec_per_iter, per_eval, deadline - elapsed())
+            new = agree(replan(cfg, iter_num, sec_per_iter, per_eval, deadline - elapsed()))
             if new is not None and new < cfg['max_iters']:
-                if any(k == 'eval_interval' for k, _, _ in derived):   # keep about 20 validations
-                    cfg['eval_interval'] = max(1, min(cfg['eval_interval'], (new - iter_num) // 20 or 1))
+                if any(k == 'eval_interval' for k, _, _ in derived):   # keep about 20 validations in all
+                    cfg['eval_interval'] = max(1, min(cfg['eval_interval'], new // 20))
                 if master:
                     tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
                                f"fit at {sec_per_iter * 1000:.0f} ms each; the run now ends at iteration {new:,} "
@@ -723,7 +730,7 @@ def train(cfg):
                                    f"{cfg['min_lr']:.2e}")
                 else:
                     stop = f"early stop at iteration {iter_num}: {why}"
-        if stop is None and elapsed() > deadline:
+        if stop is None and iter_num % cfg['log_interval'] == 0 and agree(elapsed() > deadline):
             stop = f"time budget of {cfg['time_budget']:g} min reached at iteration {iter_num}"
             if iter_num % cfg['eval_interval'] != 0:
                 eval_and_checkpoint()

@@ -155,7 +155,8 @@ def test_replan_fits_the_budget_and_keeps_a_plan_that_fits():
     cfg = dict(train.DEFAULTS, max_iters=1000, eval_interval=50)
     assert train.replan(cfg, 100, 0.01, 1.0, 60.0) is None           # 9 s of steps + 18 s of validation: fits
     new = train.replan(cfg, 100, 0.1, 1.0, 60.0)                     # 90 s + 18 s does not
-    assert 100 < new < 1000 and (new - 100) * 0.1 + 18 * 1.0 <= 60.0 + 1e-9
+    assert 100 < new < 1000 and (new - 100) * (0.1 + 1.0 / 50) <= 60.0 + 1e-9
+    assert (new + 1 - 100) * (0.1 + 1.0 / 50) > 60.0                 # and no shorter than it must be
 
 
 def test_time_budget_ends_the_schedule_inside_it(small_data, tmp_path, capsys):
