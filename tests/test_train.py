@@ -213,3 +213,27 @@ def test_a_full_disk_leaves_the_checkpoints_as_they_were(small_data, tmp_path):
     assert 'cannot write the checkpoint' in out.stderr and 'unchanged' in out.stderr
     assert {f: (tmp_path / 'stage1' / f).read_bytes() for f in before} == before
     assert not [p for p in os.listdir(tmp_path / 'stage1') if '.tmp' in p]   # no torn temporary file left
+
+
+@pytest.mark.parametrize('case', ['init_from random bytes', 'init_from empty', 'n_head not dividing n_embd',
+                                  'negative eval_users', 'out_dir is a file', 'device without CUDA'])
+def test_bad_settings_and_checkpoints_given_to_train_end_in_one_line(small_data, tmp_path, capsys, case):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(os.urandom(3000) if case == 'init_from random bytes' else b'')
+    (tmp_path / 'a_file').write_text('x')
+    if case == 'device without CUDA' and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    extra, fragment = {
+        'init_from random bytes': ([f'--init_from={bad}'], 'bad.pt'),
+        'init_from empty': ([f'--init_from={bad}'], 'bad.pt: empty file'),
+        'n_head not dividing n_embd': (['--n_head=3', '--n_embd=64'], 'n_head'),
+        'negative eval_users': (['--eval_users=-1'], '--eval_users=-1'),
+        'out_dir is a file': ([f"--out_dir={tmp_path / 'a_file'}"], 'not a folder'),
+        'device without CUDA': (['--device=cuda'], 'CUDA is not available'),
+    }[case]
+    argv = [f'--data_dir={small_data}', f"--out_dir={tmp_path / 'out'}", '--max_iters=2', *extra]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'out' / 'stage1' / 'ckpt.pt').exists()
