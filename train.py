@@ -546,10 +546,16 @@ def train(cfg):
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
         del ckpt
+    def batch(step):
+        """Micro-batch `step` of this process: inputs, targets, cluster ids (or None), on the device."""
+        rows = schedule(step)
+        x, y = get_batch(data, windows, rows, last_only=cfg['stage'] == 2)
+        cid = None if groups is None else torch.from_numpy(groups[rows]).to(dev)
+        return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), cid
+
     cfg['dtype'], why = pick_dtype(cfg['dtype'], dev)
     if cfg['dtype'] == 'bfloat16' and why != 'as set' and device_type == 'cpu':  # auto: measure, never assume
-        batches = [get_batch(data, windows, schedule(i), last_only=cfg['stage'] == 2) for i in range(3)]
-        cfg['dtype'], why = faster_dtype(model, cfg, batches, groups, schedule, weight, logit_bias, dev, ddp)
+        cfg['dtype'], why = faster_dtype(model, cfg, [batch(i) for i in range(3)], weight, logit_bias, ddp)
     autocast = nullcontext() if cfg['dtype'] == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
     raw_model = model
     if cfg['compile']:
@@ -581,8 +587,9 @@ def train(cfg):
             return
         save_atomic({
             'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter, 'progress': progress, 'cooldown': cool,
-            'best_metrics': plain(best_metrics), 'config': dict(cfg), 'derived': derived, 'rng_state': rng_states, 'elapsed': elapsed(),
+            'model_args': model_args, 'iter_num': iter_num, 'rng_state': rng_states, 'elapsed': elapsed(),
+            'best_val': best_val, 'best_iter': best_iter, 'best_metrics': plain(best_metrics),
+            'progress': progress, 'cooldown': cool, 'config': dict(cfg), 'derived': derived,
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
             'clusters': None if user_clusters is None else torch.from_numpy(user_clusters),
@@ -651,16 +658,14 @@ def train(cfg):
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(ga):
-            rows = schedule(iter_num * ga + micro)
-            x, y = get_batch(data, windows, rows, last_only=cfg['stage'] == 2)
-            cid = None if groups is None else torch.from_numpy(groups[rows]).to(dev)
+            x, y, cid = batch(iter_num * ga + micro)
             tokens_seen += int((y != -1).sum())
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if ddp:  # sync gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == ga - 1
             with autocast:
                 logits, loss = model(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias,
                                      return_logits=use_kl)   # without KL: chunked loss, no (N, V) logits
+                nll = loss.detach() if use_kl else raw_model.last_nll   # unweighted (stage 2 has no weights)
                 if use_kl:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
                         ref_logits, _ = ref_model(x, y, cluster_ids=cid)
@@ -670,7 +675,7 @@ def train(cfg):
                 loss = loss / ga
             loss.backward()
             loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
-            nll_acc += (loss.detach() * ga if use_kl or raw_model.last_nll is None else raw_model.last_nll) / ga
+            nll_acc += nll / ga
         if iter_num % cfg['log_interval'] == cfg['log_interval'] - 1 and not torch.isfinite(loss_acc):
             raise ConfigError(f"the loss diverged (non-finite) at iteration {iter_num}; "
                               f"lower --learning_rate (now {cfg['learning_rate']}) or set --grad_clip")
@@ -713,20 +718,17 @@ def train(cfg):
             if cfg['patience'] and (iter_num - progress['iter']) >= cfg['patience'] * cfg['eval_interval']:
                 why = (f"neither validation {cfg['best_metric']} nor NLL has improved for {cfg['patience']} "
                        f"evaluations (best {cfg['best_metric']} at iteration {best_iter})")
-                best_lr = get_lr(best_iter, cfg, cool)
-                if cfg['stage'] == 1 and cool is None and cfg['cooldown'] > 0 and best_lr > 2 * cfg['min_lr']:
-                    # best.pt was taken at a high learning rate: anneal it instead of stopping there
+                if cool is None and wants_cooldown(cfg, best_iter):   # anneal best.pt instead of stopping
                     if ddp:
                         torch.distributed.barrier()   # best.pt is written
                     state = read_checkpoint(best_path)
                     raw_model.load_state_dict(state['model'])
                     optimizer.load_state_dict(state['optimizer'])
-                    cool, progress['iter'] = [iter_num, best_lr], iter_num
-                    cfg['max_iters'] = iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * best_iter))
-                    bar.total = cfg['max_iters']
+                    cool, progress['iter'] = [iter_num, get_lr(best_iter, cfg)], iter_num
+                    cfg['max_iters'] = bar.total = iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * best_iter))
                     if master:
                         tqdm.write(f"cooldown at iteration {iter_num}: {why}; best.pt's weights now train "
-                                   f"{cfg['max_iters'] - iter_num:,} more iterations, learning rate {best_lr:.2e} -> "
+                                   f"{cfg['max_iters'] - iter_num:,} more iterations, learning rate {cool[1]:.2e} -> "
                                    f"{cfg['min_lr']:.2e}")
                 else:
                     stop = f"early stop at iteration {iter_num}: {why}"
@@ -752,6 +754,12 @@ def train(cfg):
     return results
 
 
+def wants_cooldown(cfg, best_iter):
+    """After an early stop: was best.pt taken at a learning rate well above min_lr (stage 1)? Then it
+    is worth annealing: a model stopped mid-peak is rarely as good as the same model decayed."""
+    return cfg['stage'] == 1 and cfg['cooldown'] > 0 and get_lr(best_iter, cfg) > 2 * cfg['min_lr']
+
+
 def claim_stage_dir(stage_dir, cfg):
     """A new run never replaces another run's checkpoints unless told to (--overwrite=True): it
     refuses with one line naming the ways on. --init_from=resume continues the run there."""
@@ -767,7 +775,7 @@ def claim_stage_dir(stage_dir, cfg):
             os.remove(os.path.join(stage_dir, f))
 
 
-def faster_dtype(model, cfg, batches, groups, schedule, weight, logit_bias, dev, ddp):
+def faster_dtype(model, cfg, batches, weight, logit_bias, ddp):
     """dtype=auto on a CPU with native bf16 matmuls: time training steps of a copy of the model in
     each dtype on the run's first batches and keep the faster. On a Xeon with AMX, bf16 took as long
     as fp32 at n_embd 64 (70.7 vs 68.6 ms/step, 2.5x the memory) and 1.5x less at 128; an AMD EPYC
@@ -779,18 +787,15 @@ def faster_dtype(model, cfg, batches, groups, schedule, weight, logit_bias, dev,
         opt = m.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']), 'cpu')
         ctx = nullcontext() if name == 'float32' else torch.autocast('cpu', dtype=torch.bfloat16)
         times = []
-        for i in [0, 1, 2] * 3:   # each batch seen once untimed: new shapes build kernels first (bf16: oneDNN)
-            x, y = batches[i]
-            cid = None if groups is None else torch.from_numpy(groups[schedule(i)]).to(dev)
+        for x, y, cid in batches * 3:   # each batch seen once untimed: new shapes build kernels first (oneDNN)
             t = time.perf_counter()
             with ctx:
-                _, loss = m(x.to(dev), y.to(dev), cluster_ids=cid, class_weight=weight, logit_bias=logit_bias,
-                            return_logits=False)
+                _, loss = m(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias, return_logits=False)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
-        secs[name] = float(np.median(times[3:]))
+        secs[name] = float(np.median(times[len(batches):]))
     torch.set_rng_state(rng)
     pick = ['bfloat16' if secs['bfloat16'] < 0.9 * secs['float32'] else 'float32']
     if ddp:  # every process trains in the dtype the first one measured
@@ -848,9 +853,9 @@ def final_report(best_path, data, cfg, dev, stage_dir):
               f"{fewshot(m, 5)} / {fewshot(m, 20)}")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
     path = os.path.join(stage_dir, 'results.json')
-    with open(path + '.tmp', 'w') as f:
+    with open(f"{path}.tmp{os.getpid()}", 'w') as f:
         json.dump(plain(results), f, indent=1)
-    os.replace(path + '.tmp', path)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
     return results
 
 
