@@ -1,5 +1,5 @@
 """
-Behavior logs -> token streams on disk, the leave-last-out split, and training batches.
+Behavior logs -> token streams on disk, the held-out split, and training batches.
 
 HeTLM reads a user's page visits as a sentence: each session becomes `<bos> p1 p2 ... pn <eos>`
 and a user's stream is their sessions in time order. BehaviorLM splits pages into frequent
@@ -9,6 +9,7 @@ and a user's stream is their sessions in time order. BehaviorLM splits pages int
     python data.py msnbc990928.seq.gz --out_dir=data/msnbc     # UCI MSNBC (.seq with % header)
     python data.py BMS.dat.gz --out_dir=data/bms               # BMS-WebView-1 (`session page` pairs)
     python data.py log.csv --out_dir=data/mysite --time_col=time --session_gap=1800
+    python data.py log.csv --out_dir=data/mysite_s --time_col=time --split=session  # HeTLM's session task
 
 Input formats (gzip is detected by its magic bytes, whatever the file name; UTF-8 text, a byte-order
 mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line):
@@ -28,7 +29,8 @@ mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line
 
 A prepared folder: tokens.bin (uint32 stream of every user), offsets.npy (user u's stream is
 tokens[offsets[u]:offsets[u+1]]), val_pos.npy / test_pos.npy (absolute index of each user's
-validation / test target, -1 for users with < 3 pages),
+validation / test target, -1 for users with < 3 pages; with --split=session the first page of the
+held-out session, -1 for users with < 3 sessions; a user's training data ends before val_pos),
 users.txt, tokenizer.json, meta.json. The folder is built whole in a temporary folder beside it
 (NAME.tmpPID) and swapped in by renames only when complete, so a failure of any kind (bad line,
 full disk, kill) leaves the previous dataset as it was. Files derived from the old dataset
@@ -42,7 +44,7 @@ only by session_col). Rating logs (MovieLens: hours or days between ratings) cut
 prints the events per session and names the setting when most sessions hold one event.
 
 The command line refuses a log that leaves nothing to learn or score: no page left after
-min_count, or no user with the 3 events the leave-last-out split needs.
+min_count, or no user with the 3 events (--split=session: 3 sessions) the split needs.
 """
 
 import argparse
@@ -290,7 +292,7 @@ def events(path, fmt, uid, pid, users, pages, time=None, session=None):
 
 
 # -----------------------------------------------------------------------------
-# prepare: sessions, leave-last-out split, tokenizer on the training part, anchors, atomic write
+# prepare: sessions, the held-out split, tokenizer on the training part, anchors, atomic write
 
 ANCHOR_MIN_HELD, ANCHOR_FALLBACK_MASS = 0.1, 0.5   # see anchor_split
 
@@ -381,8 +383,17 @@ DERIVED = ("meta.json", "tokens.bin", "offsets.npy", "val_pos.npy", "test_pos.np
            "segments.npy", "clusters.npy", "clusters.json")  # computed from a dataset: never carried to a new one
 
 
-def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0):
+SPLITS = {  # how a user's held-out targets are chosen; users without enough are training-only
+    "page": "leave-last-out: the last page is the test target, the one before the validation target",
+    "session": "leave-last-session-out: the last session is the test session, the one before the validation "
+               "session, all earlier sessions the context and training data (HeTLM's task; sessions.py)",
+}
+
+
+def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, split="page"):
     """One-line DataError for a preparation setting out of its range."""
+    if split not in SPLITS:
+        raise DataError(f"--split={split}: expected one of {', '.join(SPLITS)}")
     if not session_gap >= 0:  # nan too
         raise DataError(f"--session_gap={session_gap}: must be >= 0 seconds (0 or inf: no time-based sessions)")
     if min_count < 1:
@@ -394,23 +405,24 @@ def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_ma
 
 
 def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
-            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False):
-    """Read a behavior log, split it leave-last-out, tokenize, and write a dataset folder, atomically
+            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
+            split="page"):
+    """Read a behavior log, split it (SPLITS), tokenize, and write a dataset folder, atomically
     (see building). require_eval (the command line sets it): refuse a log where no user has the 3
-    events a validation and a test target need. Returns meta."""
-    check_settings(session_gap, min_count, anchor_share, anchor_mass)
+    events (3 sessions) a validation and a test target need. Returns meta."""
+    check_settings(session_gap, min_count, anchor_share, anchor_mass, split)
     with building(data_dir) as folder:
         return build_dataset(input_path, folder, fmt, user_col, page_col, time_col, session_col, sep, session_gap,
-                             min_count, anchor_share, anchor_mass, require_eval)
+                             min_count, anchor_share, anchor_mass, require_eval, split=split)
 
 
 def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
                   sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
-                  source=None):
+                  source=None, split="page"):
     """prepare's work, written into `folder` (a fresh folder from building). Returns meta."""
     settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
                     sep=sep, session_gap=session_gap, min_count=min_count, anchor_share=anchor_share,
-                    anchor_mass=anchor_mass)
+                    anchor_mass=anchor_mass, split=split)
     t0 = time.time()
     fmt = detect_format(input_path, user_col, page_col) if fmt == "auto" else fmt
     if fmt not in ("events", "seq", "pairs"):
@@ -427,16 +439,26 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
     user, page = ev["user"], ev["page"]
     n, n_users = len(page), len(ev["users"])
 
-    # leave-last-out per user: test = last page, val = the one before; < 3 pages -> training only
+    # the split (SPLITS): val_ev / test_ev = index of each user's first held-out event of each kind;
+    # everything from val_ev on is held out. Users with < 3 pages (sessions) are training only.
     n_ev = np.bincount(user, minlength=n_users)                  # (U,) events per user
     last = np.cumsum(n_ev) - 1                                   # (U,) index of each user's last event
-    evaluable = n_ev >= 3
+    if split == "page":
+        evaluable, test_ev, val_ev = n_ev >= 3, last, last - 1
+        unit, most = "events", n_ev.max()
+    else:
+        firsts = np.flatnonzero(start)                           # (S,) first event of every session
+        n_ss = np.bincount(user[firsts], minlength=n_users)      # (U,) sessions per user (>= 1)
+        last_s = np.cumsum(n_ss) - 1                             # (U,) each user's last session
+        evaluable, test_ev, val_ev = n_ss >= 3, firsts[last_s], firsts[np.maximum(last_s - 1, 0)]
+        unit, most = "sessions", n_ss.max()
     if require_eval and not evaluable.any():
-        raise DataError(f"{input_path}: no user has 3 or more events (the most: {n_ev.max()}), so there is no "
-                        "validation or test target (leave-last-out); is --user_col the user, not the event?")
-    train = np.ones(n, dtype=bool)
-    train[last[evaluable]] = False
-    train[last[evaluable] - 1] = False
+        hint = ("is --user_col the user, not the event?" if split == "page" else
+                "the session split needs users with several sessions (--time_col with --session_gap, "
+                "--session_col, or seq lines with a `user:` prefix)")
+        raise DataError(f"{input_path}: no user has 3 or more {unit} (the most: {most}), so there is no "
+                        f"validation or test target (--split={split}); {hint}")
+    train = np.arange(n) < np.where(evaluable, val_ev, last + 1)[user]
 
     # vocabulary and frequencies from the training part only; unseen val/test pages -> <unk>
     raw_counts = np.bincount(page[train], minlength=len(ev["pages"]))
@@ -460,13 +482,13 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
     tokens[pos[firsts] - 1] = BOS
     tokens[pos[np.append(firsts[1:] - 1, n - 1)] + 1] = EOS
     offsets = np.append(pos[last - n_ev + 1] - 1, len(tokens)).astype(np.int64)  # (U+1,)
-    val_pos = np.where(evaluable, pos[np.maximum(last - 1, 0)], -1).astype(np.int64)
-    test_pos = np.where(evaluable, pos[last], -1).astype(np.int64)
+    val_pos = np.where(evaluable, pos[np.maximum(val_ev, 0)], -1).astype(np.int64)
+    test_pos = np.where(evaluable, pos[test_ev], -1).astype(np.int64)
     per_session = np.bincount(sess)                              # (S,) events per session
 
     anchor_ids, rule, held = anchor_split(tok.counts, anchor_share, anchor_mass)
     n_eval = int(evaluable.sum())
-    meta = {"source": source or input_path, "format": fmt, "n_users": n_users, "n_eval_users": n_eval,
+    meta = {"source": source or input_path, "format": fmt, "split": split, "n_users": n_users, "n_eval_users": n_eval,
             "n_events": n, "n_sessions": n_sessions, "n_tokens": len(tokens), "n_train_targets": int(train.sum()),
             "session_events_median": float(np.median(per_session)),
             "single_event_sessions": float((per_session == 1).mean()),
@@ -602,6 +624,7 @@ class BehaviorData:
         self.val_pos = load_array(path("val_pos.npy"), n_users)                    # (U,) -1: training only
         self.test_pos = load_array(path("test_pos.npy"), n_users)                  # (U,)
         self.n_users = n_users
+        self.split = meta.get("split", "page")                                     # a key of SPLITS
         o = np.asarray(self.offsets)
         if o[0] != 0 or o[-1] != n_tokens or (np.diff(o) < 0).any():
             raise DataError(f"{path('offsets.npy')}: not increasing from 0 to n_tokens={n_tokens:,}; prepare it again")
@@ -849,7 +872,7 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
     return rows, seg_of.astype(np.int64)
 
 
-def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0):
+def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0, split="page"):
     """Simulate the shop, write data_dir/events.csv.gz (user,time,page), prepare it through the
     ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
     segment per user index); all in one atomic build (see building). Returns meta."""
@@ -861,7 +884,7 @@ def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITE
         with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
             gz.write(("\n".join(lines) + "\n").encode())  # mtime=0: the same bytes on every run
         meta = build_dataset(path, folder, time_col="time", session_gap=1800.0,
-                             source=os.path.join(data_dir, "events.csv.gz"))
+                             source=os.path.join(data_dir, "events.csv.gz"), split=split)
         with open(os.path.join(folder, "users.txt"), encoding="utf-8") as f:  # users in order of first visit
             users = f.read().split()
         write_atomic(os.path.join(folder, "segments.npy"), segments[[int(u[1:]) for u in users]])
@@ -876,7 +899,9 @@ def ensure_builtin(data_dir="data/builtin"):
 
 
 def summary(meta):
-    text = (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test), "
+    split = meta.get("split", "page")
+    text = (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test"
+            f"{' sessions' if split == 'session' else ''}), "
             f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n")
     if "single_event_sessions" in meta:
         text += (f"sessions: median {meta['session_events_median']:g} events, "
@@ -905,6 +930,8 @@ def main(argv=None):
     p.add_argument("--session_gap", type=float, default=1800.0,
                    help="with --time_col: seconds of inactivity that start a session; 0 or inf: no time-based "
                         "sessions (a rating log, with hours or days between events)")
+    p.add_argument("--split", default="page", choices=list(SPLITS),
+                   help="page: the last two pages of each user are held out; session: the last two sessions")
     p.add_argument("--min_count", type=int, default=1, help="rarer training pages map to <unk>")
     p.add_argument("--anchor_share", type=float, default=0.01, help="anchors: pages over this share of targets")
     p.add_argument("--anchor_mass", type=float, default=0.0, help="anchors: the top pages holding this share, in (0, 1]")
@@ -921,12 +948,13 @@ def main(argv=None):
         if args.builtin:
             if args.n_users < 1 or args.n_items < 4 or not args.session_scale > 0:
                 raise DataError("--n_users >= 1, --n_items >= 4 and --session_scale > 0 are needed")
-            meta = make_builtin(args.out_dir or "data/builtin", args.seed, args.n_users, args.n_items, args.session_scale)
+            meta = make_builtin(args.out_dir or "data/builtin", args.seed, args.n_users, args.n_items, args.session_scale,
+                                args.split)
         else:
             sep = {"\\t": "\t", "tab": "\t"}.get(args.sep, args.sep)
             meta = prepare(args.input, args.out_dir, args.format, args.user_col, args.page_col, args.time_col,
                            args.session_col, sep, args.session_gap, args.min_count, args.anchor_share, args.anchor_mass,
-                           require_eval=True)
+                           require_eval=True, split=args.split)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,10 @@ Protocol (README, "Evaluation protocol"):
   python evaluate.py --ckpt=out/stage1/best.pt                    # validation, model + baselines
   python evaluate.py --ckpt=out/stage1/best.pt --split=test       # report test once, at the end
   python evaluate.py --data_dir=data/bms --baselines_only         # floors, no checkpoint needed
+
+On a dataset prepared with `--split=session` the targets are the first pages of the held-out
+sessions, and HeTLM's session task is scored too (sessions.py: session NLL, generated sessions
+against the real ones, --outcome=PAGE).
 """
 import argparse
 import math
@@ -313,18 +317,25 @@ def main(argv=None):
     p.add_argument("--max_users", type=int, default=0)          # 0 = every evaluable user
     p.add_argument("--device", default="auto")
     p.add_argument("--baselines_only", action="store_true")     # most-popular and Markov, no model
+    # the session task (sessions.py), on a dataset prepared with --split=session
+    p.add_argument("--task", default="auto", choices=["auto", "page", "session"])  # auto: session too on such data
+    p.add_argument("--outcome", default="")                     # a page, e.g. purchase: P(the session holds it)
+    p.add_argument("--outcome_samples", type=int, default=10)   # sampled sessions per user for that probability
+    p.add_argument("--max_len", type=int, default=0)            # generated pages at most (0: training sessions' p99)
+    p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     if args.baselines_only and not args.data_dir:
         sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
     if not args.baselines_only and not os.path.exists(args.ckpt):
         sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
-    if args.max_users < 0 or args.batch_size < 1:
-        sys.exit(f"error: --max_users={args.max_users} --batch_size={args.batch_size}: "
-                 "need max_users >= 0 (0: every user) and batch_size >= 1")
+    if args.max_users < 0 or args.batch_size < 1 or args.outcome_samples < 1 or args.max_len < 0:
+        sys.exit(f"error: --max_users={args.max_users} --batch_size={args.batch_size} --outcome_samples="
+                 f"{args.outcome_samples} --max_len={args.max_len}: need max_users >= 0 (0: every user), "
+                 "batch_size >= 1, outcome_samples >= 1, max_len >= 0 (0: from the data)")
     from configurator import ConfigError
     from data import load_data, DataError
     t0 = time.time()
-    results = {}
+    results, uc = {}, None
     try:
         if args.baselines_only:
             data = load_data(args.data_dir)
@@ -353,6 +364,17 @@ def main(argv=None):
             else:
                 print(f"  {label} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
                       f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
+    if args.task == "session" or (args.task == "auto" and data.split == "session"):
+        import sessions
+        methods = {} if args.baselines_only else {"model": sessions.model_logp(model, device, uc)}
+        methods.update({"markov": sessions.markov_logp(data), "most-popular": sessions.popular_logp(data)})
+        print(f"\nsession task ({args.split} sessions, sessions.py): per user, mean / std / p10")
+        try:
+            res = sessions.evaluate_sessions(data, args.split, methods, args.max_users or None, args.seed,
+                                             args.max_len or None, args.outcome or None, args.outcome_samples)
+        except DataError as e:
+            sys.exit(f"error: {e}")
+        print(sessions.session_table(res, uc))
     print(f"split={args.split}, {time.time() - t0:.1f}s")
 
 if __name__ == "__main__":
