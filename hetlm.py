@@ -19,7 +19,10 @@ The steps, each one train.py / cluster.py run (their options pass through: --n_e
    k-means row), and one plain GPT with as many parameters as the K sets (model.matched_single_config)
    trained from scratch for as many iterations as the final clusterwise model received in all.
 5. report: per-user mean, standard deviation and 10th percentile of test NLL and HR@10, overall
-   and per cluster, for every model; printed and written to out_dir/hetlm.json.
+   and per cluster, for every model; printed and written to out_dir/hetlm.json. On a dataset
+   prepared with --split=session (HeTLM's own task), also the per-user NLL of the held-out test
+   session and the F1 of a session generated from the earlier ones (sessions.py), and the K sweep
+   and every checkpoint choice use the validation session's NLL.
 
 A clusterwise round's model is its final weights (a fixed number of iterations at a decaying
 learning rate); the two controls keep their best validation checkpoint, which can only favour them.
@@ -105,6 +108,16 @@ def score(ckpt_path, data, split, cfg, dev):
     return m, uc, ck
 
 
+def val_nll(ckpt_path, data, cfg, dev):
+    """The validation NLL the K sweep compares: of the next page, or (session split) of the held-out session."""
+    if data.split != 'session':
+        return score(ckpt_path, data, 'val', cfg, dev)[0]['nll']
+    from sessions import mean_session_nll
+    model, ck = load_checkpoint(ckpt_path, dev)
+    uc = None if ck.get('clusters') is None else ck['clusters'].numpy()
+    return mean_session_nll(model, data, 'val', dev, cfg['eval_users'] or None, cfg['seed'], uc)
+
+
 def user_vectors(cfg, data, shared, dev):
     """The vectors k-means clusters, once for the whole sweep: TF-IDF, or the shared model's."""
     if cfg['vectors'] == 'model':
@@ -143,6 +156,8 @@ def run(cfg):
     stats = data_stats(data)
     cfg, reasons = derive(cfg, stats)   # settings from the data, once: every run of the pipeline shares them
     print(describe(reasons, stats))
+    if data.split == 'session' and cfg['best_metric'] == 'nll':
+        cfg['best_metric'] = 'session_nll'   # the session task: checkpoints by the held-out session's NLL
     if k_list[-1] > data.n_users:
         raise ConfigError(f"--ks={cfg['ks']}: more clusters than the {data.n_users:,} users")
     os.makedirs(cfg['out_dir'], exist_ok=True)
@@ -157,10 +172,10 @@ def run(cfg):
     for k in k_list:
         labels_of[k] = kmeans_labels(cfg, data, k, x)
         path = cluster_round(cfg, f'k{k}', labels_of[k], shared, k)
-        sweep[k] = score(path, data, 'val', cfg, dev)[0]['nll']
+        sweep[k] = val_nll(path, data, cfg, dev)
         print(f"K={k}: validation NLL {sweep[k]:.4f}")
     best_k = min(k_list, key=lambda k: sweep[k])
-    shared_val = score(shared, data, 'val', cfg, dev)[0]['nll']
+    shared_val = val_nll(shared, data, cfg, dev)
     print("\nK sweep (validation NLL): " + ", ".join(f"K={k} {v:.4f}" for k, v in sweep.items())
           + f" -> K={best_k}; the shared model alone (K=1): {shared_val:.4f}"
           + (" -- lower than every K: on this data the clusters did not help" if shared_val < sweep[best_k] else ""))
@@ -224,10 +239,50 @@ def run(cfg):
                  if c != 'all']
         if parts:
             print(f"  {name}: " + "; ".join(parts))
+    if data.split == 'session':
+        session_report(models, data, cfg, dev, report)
     report['seconds'] = round(time.time() - t_start, 1)
     write_atomic(os.path.join(cfg['out_dir'], 'hetlm.json'), train.plain(report))
     print(f"\nwrote {os.path.join(cfg['out_dir'], 'hetlm.json')} ({report['seconds']:.0f} s in all)")
     return report
+
+
+SESSION_COLS = (('nll_page', 'nll/page'), ('nll_session', 'nll/session'), ('greedy_f1', 'F1 greedy'),
+                ('sampled_f1', 'F1 sampled'), ('greedy_rouge_l', 'ROUGE-L greedy'))
+
+
+def session_report(models, data, cfg, dev, report):
+    """HeTLM's own task on a --split=session dataset: per user, the NLL of the held-out test session
+    and the F1 of a session generated from the earlier ones (sessions.py); mean / std / p10 over
+    users, overall and per parameter set, for every model and first-order Markov."""
+    import sessions
+    print("\ntest sessions (HeTLM's task, sessions.py), per user: mean / std / p10")
+    print(f"{'model':<40s} " + " ".join(f"{label:>22s}" for _, label in SESSION_COLS))
+    runs = {name: path for name, (path, _) in models.items()}
+    runs['first-order Markov'] = None
+    for name, path in runs.items():
+        uc = None
+        if path is None:
+            logp = sessions.markov_logp(data)
+        else:
+            model, ck = load_checkpoint(path, dev)
+            uc = None if ck.get('clusters') is None else ck['clusters'].numpy()
+            logp = sessions.model_logp(model, dev, uc)
+        r = sessions.evaluate_sessions(data, 'test', {name: logp}, seed=cfg['seed'], progress=lambda *_: None)[name]
+        groups = {'all': np.ones(len(r['users']), bool)}
+        if uc is not None:
+            groups.update({f'cluster {c}': uc[r['users']] == c for c in range(int(uc.max()) + 1)})
+        stats = {g: {k: sessions.spread(r[k][sel]) for k, _ in SESSION_COLS} | {'users': int(sel.sum())}
+                 for g, sel in groups.items() if sel.any()}
+        report['models'].setdefault(name, {})['sessions'] = stats
+        cells = ['/'.join(f"{stats['all'][k][q]:.3f}" for q in sessions.STATS) for k, _ in SESSION_COLS]
+        print(f"{name:<40s} " + " ".join(f"{c:>22s}" for c in cells))
+    print("per cluster (test session NLL/page and F1 greedy, mean / std of its users):")
+    for name, r in report['models'].items():
+        parts = [f"{c}: {s['nll_page']['mean']:.3f}/{s['nll_page']['std']:.3f}, {s['greedy_f1']['mean']:.3f}/"
+                 f"{s['greedy_f1']['std']:.3f} (n={s['users']})" for c, s in r['sessions'].items() if c != 'all']
+        if parts:
+            print(f"  {name}: " + "; ".join(parts))
 
 
 def main(argv):

@@ -74,3 +74,21 @@ def test_oracle_clusters_compares_true_segments_kmeans_and_random(tmp_path, caps
     assert 'adjusted Rand index' in out and 'users on lowest NLL' in out and 'random split:' in out
     n_eval = int(out.split('k-means puts ')[1].split(' of')[0].replace(',', ''))
     assert 0 < n_eval <= misplaced
+
+
+def test_pipeline_on_the_session_task(tmp_path, capsys):
+    data_dir = str(tmp_path / 'shop')
+    make_builtin(data_dir, n_users=300, split='session')
+    argv = [f'--data_dir={data_dir}', f'--out_dir={tmp_path / "h"}', '--ks=2', '--max_iters=12',
+            '--cluster_iters=6', '--eval_interval=6', '--log_interval=6', '--batch_tokens=512', '--block_size=32',
+            '--n_embd=16', '--n_layer=1', '--warmup_iters=2', '--eval_users=100', '--max_rounds=1']
+    report = hetlm.run(parse_config(hetlm.DEFAULTS, argv))
+    out = capsys.readouterr().out
+    assert "test sessions (HeTLM's task" in out
+    for name, r in report['models'].items():
+        s = r['sessions']['all']
+        assert s['users'] > 0 and np.isfinite(s['nll_page']['mean']) and 0 <= s['greedy_f1']['mean'] <= 1
+    km = next(r for n, r in report['models'].items() if n.startswith('k-means'))
+    assert sum(v['users'] for c, v in km['sessions'].items() if c != 'all') == km['sessions']['all']['users']
+    _, ck = load_checkpoint(str(tmp_path / 'h' / 'shared' / 'stage1' / 'best.pt'))
+    assert ck['config']['best_metric'] == 'session_nll'
