@@ -10,6 +10,8 @@ and a user's stream is their sessions in time order. BehaviorLM splits pages int
     python data.py BMS.dat.gz --out_dir=data/bms               # BMS-WebView-1 (`session page` pairs)
     python data.py log.csv --out_dir=data/mysite --time_col=time --session_gap=1800
     python data.py log.csv --out_dir=data/mysite_s --time_col=time --split=session  # HeTLM's session task
+    python data.py ml-1m.inter --out_dir=data/ml1m             # RecBole atomic file
+    python data.py ml-1m/ratings.dat --out_dir=data/ml1m       # MovieLens ratings.dat
 
 Input formats (gzip is detected by its magic bytes, whatever the file name; UTF-8 text, a byte-order
 mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line):
@@ -22,8 +24,14 @@ mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line
   user id is the line number. UCI MSNBC layout: a file opening with '%' lines has a header up to
   the line '% Sequences:'; a word line inside it names the pages, so page k is the k-th name.
 - pairs: `user page` per line, in order (BMS-WebView-1); each user is one session.
-- auto: by extension (.csv .tsv .jsonl .ndjson .json -> events, .seq -> seq, after stripping .gz),
-  else by content: first line '%' -> seq, '{' -> events, a header holding user_col and page_col
+- inter: a RecBole atomic .inter file, tab-separated with a typed header (`user_id:token
+  item_id:token rating:float timestamp:float`); fields user_id, item_id, timestamp unless
+  --user_col/--page_col/--time_col name others. A user's events are sorted by time, one session.
+- ratings: MovieLens `user::item::rating::time` lines (ratings.dat); sorted by time, one session
+  per user. (Both are rating logs: --session_gap=1800 would cut them by time, as event logs.)
+- auto: by extension (.csv .tsv .jsonl .ndjson .json -> events, .seq -> seq, .inter -> inter,
+  after stripping .gz), else by content: first line '%' -> seq, `a::b::c[::d]` -> ratings, tab-
+  separated `name:type` fields -> inter, '{' -> events, a header holding user_col and page_col
   -> events, all but one (or 90%) of the first 1000 lines with exactly two fields -> pairs (a
   malformed line is then reported, not read as a sequence), else seq.
 
@@ -37,7 +45,8 @@ full disk, kill) leaves the previous dataset as it was. Files derived from the o
 (DERIVED: segments.npy, clusters.npy, ...) never survive a new prepare; other files there (an
 input log, notes) are kept. load_data checks every file against meta.json before use.
 
-Sessions from time (event logs with time_col): a gap > session_gap seconds starts a session;
+Sessions from time (event logs with time_col; default 1800 s, inf for inter and ratings):
+a gap > session_gap seconds starts a session;
 --session_gap=0 or inf turns time-based sessions off (a user's history is then one session, cut
 only by session_col). Rating logs (MovieLens: hours or days between ratings) cut at the default
 30 minutes are mostly one-event sessions, each costing a <bos> and an <eos> token; the summary
@@ -143,6 +152,8 @@ def detect_format(path, user_col="user", page_col="page"):
         return "events"
     if ext == ".seq":
         return "seq"
+    if ext == ".inter":
+        return "inter"
     it = lines(path)
     first = [ln.strip() for _, ln in itertools.islice((x for x in it if x[1].strip()), 1000)]
     it.close()
@@ -150,6 +161,11 @@ def detect_format(path, user_col="user", page_col="page"):
         raise DataError(f"{path}: empty file (no events)")
     if first[0].startswith("%"):
         return "seq"
+    if "::" in first[0] and len(first[0].split("::")) in (3, 4):
+        return "ratings"
+    fields = first[0].split("\t")
+    if len(fields) >= 2 and all(f.count(":") == 1 and f.split(":")[1] for f in fields):
+        return "inter"                                 # a RecBole typed header, `name:type` in every field
     if first[0].startswith("{") or any({user_col, page_col} <= {c.strip() for c in first[0].split(s)} for s in ",\t"):
         return "events"
     # pairs when all but one line (or 90%) have two fields, so one malformed line is reported by
@@ -207,6 +223,62 @@ def read_pairs(path):
         users.append(uid.setdefault(toks[0], len(uid)))
         pages.append(pid.setdefault(toks[1], len(pid)))
     return events(path, "pairs", uid, pid, users, pages)
+
+
+def read_ratings(path):
+    """MovieLens `user::item::rating::time` per line (ratings.dat); the time (epoch seconds) orders
+    each user's events; rating is not used (every rated item is an event, as in SASRec's ML-1M)."""
+    uid, pid, users, pages, times = {}, {}, array("q"), array("q"), array("d")
+    for lineno, line in lines(path):
+        if not line.strip():
+            continue
+        f = line.rstrip("\r\n").split("::")
+        if len(f) not in (3, 4) or not f[0] or not f[1]:
+            raise DataError(f"{path}:{lineno}: malformed line (expected `user::item::rating::time`, "
+                            f"got {len(f)} fields)")
+        users.append(uid.setdefault(f[0], len(uid)))
+        pages.append(pid.setdefault(f[1], len(pid)))
+        if len(f) == 4:
+            try:
+                times.append(parse_time(f[3]))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{lineno}: bad timestamp {f[3]!r} (expected epoch seconds)") from None
+        elif times:
+            raise DataError(f"{path}:{lineno}: no time field where earlier lines have one")
+    return events(path, "ratings", uid, pid, users, pages,
+                  time=np.frombuffer(times, dtype=np.float64) if len(times) else None)
+
+
+INTER_FIELDS = ("user_id", "item_id", "timestamp")   # RecBole's default USER_ID / ITEM_ID / TIME fields
+
+
+def read_inter(path, user_col="user", page_col="page", time_col=None):
+    """RecBole atomic file (.inter): tab-separated, a typed header (`user_id:token  item_id:token
+    rating:float  timestamp:float`). The user, item and time fields are RecBole's defaults unless
+    --user_col / --page_col / --time_col name others; the time field is used when present."""
+    it = lines(path, newline="")
+    head_no, head = next((x for x in it if x[1].strip()), (0, ""))
+    if not head:
+        raise DataError(f"{path}: empty file (no events)")
+    names = [c.strip().split(":")[0] for c in head.rstrip("\r\n").split("\t")]
+    user = INTER_FIELDS[0] if user_col == "user" else user_col
+    page = INTER_FIELDS[1] if page_col == "page" else page_col
+    time_field = time_col or (INTER_FIELDS[2] if INTER_FIELDS[2] in names else None)
+    cols = [c for c in (user, page, time_field) if c]
+    rows = csv_rows(path, it, head_no, "\t".join(names), "\t", cols)
+    uid, pid, users, pages, times = {}, {}, array("q"), array("q"), array("d")
+    for lineno, row in rows:
+        if not row[0] or not row[1]:
+            raise DataError(f"{path}:{lineno}: malformed line (empty {user if not row[0] else page!r})")
+        users.append(uid.setdefault(row[0], len(uid)))
+        pages.append(pid.setdefault(row[1], len(pid)))
+        if time_field:
+            try:
+                times.append(parse_time(row[2]))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{lineno}: bad timestamp {row[2]!r} in field {time_field!r}") from None
+    return events(path, "inter", uid, pid, users, pages,
+                  time=np.frombuffer(times, dtype=np.float64) if time_field else None)
 
 
 def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
@@ -379,6 +451,8 @@ def write_atomic(path, obj):
     os.replace(tmp, path)
 
 
+FORMATS = ("events", "seq", "pairs", "inter", "ratings")   # readers above; "auto" picks one (detect_format)
+
 DERIVED = ("meta.json", "tokens.bin", "offsets.npy", "val_pos.npy", "test_pos.npy", "users.txt", "tokenizer.json",
            "segments.npy", "clusters.npy", "clusters.json")  # computed from a dataset: never carried to a new one
 
@@ -390,11 +464,11 @@ SPLITS = {  # how a user's held-out targets are chosen; users without enough are
 }
 
 
-def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, split="page"):
+def check_settings(session_gap=None, min_count=1, anchor_share=0.01, anchor_mass=0.0, split="page"):
     """One-line DataError for a preparation setting out of its range."""
     if split not in SPLITS:
         raise DataError(f"--split={split}: expected one of {', '.join(SPLITS)}")
-    if not session_gap >= 0:  # nan too
+    if session_gap is not None and not session_gap >= 0:  # nan too
         raise DataError(f"--session_gap={session_gap}: must be >= 0 seconds (0 or inf: no time-based sessions)")
     if min_count < 1:
         raise DataError(f"--min_count={min_count}: must be >= 1")
@@ -405,7 +479,7 @@ def check_settings(session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_ma
 
 
 def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
-            sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
+            sep=None, session_gap=None, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
             split="page"):
     """Read a behavior log, split it (SPLITS), tokenize, and write a dataset folder, atomically
     (see building). require_eval (the command line sets it): refuse a log where no user has the 3
@@ -417,7 +491,7 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
 
 
 def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
-                  sep=None, session_gap=1800.0, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
+                  sep=None, session_gap=None, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
                   source=None, split="page"):
     """prepare's work, written into `folder` (a fresh folder from building). Returns meta."""
     settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
@@ -425,14 +499,20 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
                     anchor_mass=anchor_mass, split=split)
     t0 = time.time()
     fmt = detect_format(input_path, user_col, page_col) if fmt == "auto" else fmt
-    if fmt not in ("events", "seq", "pairs"):
-        raise DataError(f"unknown format {fmt!r} (expected auto, events, seq or pairs)")
-    if fmt != "events" and (time_col or session_col):
-        raise DataError(f"{input_path}: time_col/session_col apply to event logs only, not to {fmt} files")
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
+    if (fmt != "events" and session_col) or (fmt not in ("events", "inter") and time_col):
+        raise DataError(f"{input_path}: time_col/session_col apply to event logs only (time_col: also .inter), "
+                        f"not to {fmt} files")
+    if session_gap is None:   # rating logs: one session per user, ordered by time (SASRec's ML-1M)
+        session_gap = math.inf if fmt in ("inter", "ratings") else 1800.0
+    settings.update(fmt=fmt, session_gap=session_gap)
     if fmt == "events":
         ev = read_events(input_path, user_col, page_col, time_col, session_col, sep)
+    elif fmt == "inter":
+        ev = read_inter(input_path, user_col, page_col, time_col)
     else:
-        ev = read_seq(input_path) if fmt == "seq" else read_pairs(input_path)
+        ev = {"seq": read_seq, "pairs": read_pairs, "ratings": read_ratings}[fmt](input_path)
     if any("\n" in u or "\r" in u for u in ev["users"]):
         raise DataError(f"{input_path}: a user id contains a line break")
     ev, start = sessions_of(ev, session_gap)
@@ -921,15 +1001,15 @@ def main(argv=None):
     p.add_argument("input", nargs="?", help="event log, sequence file or pair file (.gz fine)")
     p.add_argument("--out_dir", help="dataset folder to write, e.g. data/msnbc")
     p.add_argument("--builtin", action="store_true", help="build the simulated shop into data/builtin (or --out_dir)")
-    p.add_argument("--format", default="auto", choices=["auto", "events", "seq", "pairs"])
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--user_col", default="user")
     p.add_argument("--page_col", default="page")
     p.add_argument("--time_col", default=None)
     p.add_argument("--session_col", default=None)
     p.add_argument("--sep", default=None, help="event-log separator: ',' '\\t' or 'jsonl' (default: by extension)")
-    p.add_argument("--session_gap", type=float, default=1800.0,
-                   help="with --time_col: seconds of inactivity that start a session; 0 or inf: no time-based "
-                        "sessions (a rating log, with hours or days between events)")
+    p.add_argument("--session_gap", type=float, default=None,
+                   help="with time: seconds of inactivity that start a session (default 1800 for event logs, "
+                        "inf for .inter and ratings.dat); 0 or inf: no time-based sessions")
     p.add_argument("--split", default="page", choices=list(SPLITS),
                    help="page: the last two pages of each user are held out; session: the last two sessions")
     p.add_argument("--min_count", type=int, default=1, help="rarer training pages map to <unk>")

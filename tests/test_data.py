@@ -49,6 +49,14 @@ EXPECTED = {"u1": S("a", "b"), "u2": S("b", "c"), "u3": S("a")}
     ("log.seq", "u1: a b\nu2: b c\nu3: a\n", {}),
     ("log.txt", "u1 a\nu2 b\nu1 b\nu2 c\nu3 a\n", {}),           # auto: pairs by content
     ("events", "user,page\r\nu1,a\r\nu2,b\r\nu1,b\r\nu2,c\r\nu3,a\r\n", {}),  # auto: header by content, CRLF
+    # RecBole atomic file: typed header, sorted by timestamp (u1's b was rated after a)
+    ("ml.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\tb\t4\t20\nu2\tb\t3\t5\n"
+                 "u1\ta\t5\t10\nu2\tc\t1\t6\nu3\ta\t2\t1\n", {}),
+    ("atomic", "user_id:token\titem_id:token\nu1\ta\nu2\tb\nu1\tb\nu2\tc\nu3\ta\n", {}),   # auto: by content, no time
+    ("inter.tsv.inter", "uid:token\tiid:token\tts:float\nu1\ta\t1\nu2\tb\t1\nu1\tb\t2\nu2\tc\t2\nu3\ta\t1\n",
+     dict(user_col="uid", page_col="iid", time_col="ts")),
+    # MovieLens ratings.dat: by content (::), sorted by time, one session per user however far apart
+    ("ratings.dat", "u1::b::4::978300760\nu2::b::3::978300000\nu1::a::5::900000000\nu2::c::1::978309999\nu3::a::2::1\n", {}),
 ])
 def test_formats_give_expected_streams(tmp_path, name, text, kw):
     d = run(tmp_path, name, text, **kw)
@@ -114,6 +122,11 @@ def test_session_column(tmp_path):
     ("nokey.jsonl", '{"user": "u1", "page": "a"}\n{"user": "u1"}\n', {}, r"nokey\.jsonl:2: missing column 'page'"),
     ("notime.csv", "user,page\nu1,a\n", dict(time_col="time"), r"notime\.csv:1: missing column 'time'"),
     ("badtime.csv", "user,time,page\nu1,5,a\nu1,yesterday,b\n", dict(time_col="time"), r"badtime\.csv:3: bad timestamp 'yesterday'"),
+    ("r.dat", "1::2::3::4\n1::2\n", {}, r"r\.dat:2: malformed line \(expected `user::item::rating::time`"),
+    ("t.dat", "1::2::3::4\n1::3::3::noon\n", {}, r"t\.dat:2: bad timestamp 'noon'"),
+    ("x.inter", "user_id:token\trating:float\n1\t3\n", {}, r"x\.inter:1: missing column 'item_id'"),
+    ("y.inter", "user_id:token\titem_id:token\n1\t2\n1\n", {}, r"y\.inter:3: malformed line \(expected 2 fields"),
+    ("z.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tsoon\n", {}, r"z\.inter:2: bad timestamp 'soon'"),
 ])
 def test_bad_input_one_line_error(tmp_path, name, text, kw, pattern):
     path = write(tmp_path, name, text)
@@ -248,3 +261,11 @@ def test_prepare_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
     # a fresh clone has no data/ folder: the built-in dataset goes to data/builtin
     meta = data.make_builtin(str(tmp_path / "data" / "builtin"), n_users=30)
     assert load_data(str(tmp_path / "data" / "builtin")).n_users == meta["n_users"] == 30
+
+
+def test_rating_logs_are_one_session_per_user_unless_a_gap_is_set(tmp_path):
+    text = "u1::a::4::0\nu1::b::4::86400\nu1::c::4::172800\nu1::d::4::259200\n"   # a rating a day
+    assert streams(run(tmp_path, "ratings.dat", text))["u1"] == ["<bos>", "a", "b", "<unk>", "<unk>", "<eos>"]
+    d = run(tmp_path, "r2.dat", text, session_gap=3600)                                # asked for: daily sessions
+    assert d.meta["n_sessions"] == 4 and d.meta["settings"]["session_gap"] == 3600
+    assert load_data(str(tmp_path / "ds_ratings_dat")).meta["settings"]["fmt"] == "ratings"
