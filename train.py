@@ -622,6 +622,8 @@ def train(cfg):
         if improved or nll < progress['nll'] - 1e-4:     # (a change in the 5th digit is not progress)
             progress.update(nll=min(progress['nll'], nll), iter=iter_num)
         if master:
+            log_metrics(stage_dir, {'kind': 'val', 'iter': iter_num, 'elapsed': round(elapsed(), 1), 'best': improved,
+                                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
             sess = f"session nll {metrics['session_nll']:.4f}, " if 'session_nll' in metrics else ''
             tqdm.write(f"iter {iter_num}: val {sess}nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
                        f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
@@ -719,6 +721,9 @@ def train(cfg):
         if iter_num % cfg['log_interval'] == 0 and master:
             dt = time.time() - t0
             left = (cfg['max_iters'] - iter_num) * sec_per_iter
+            log_metrics(stage_dir, {'kind': 'train', 'iter': iter_num, 'elapsed': round(elapsed(), 1), 'lr': lr,
+                                    'train_nll': nll_acc.item() / cfg['log_interval'],
+                                    'tokens_per_s': tokens_seen * world / dt})
             tqdm.write(f"iter {iter_num}/{cfg['max_iters']}: train nll {nll_acc.item() / cfg['log_interval']:.4f}"
                        + (f" (weighted loss {loss_acc.item() / cfg['log_interval']:.4f})" if weight is not None else "")
                        + f", lr {lr:.2e}, {tokens_seen * world / dt:,.0f} target tokens/s, "
@@ -779,14 +784,21 @@ def claim_stage_dir(stage_dir, cfg):
     refuses with one line naming the ways on. --init_from=resume continues the run there."""
     os.makedirs(stage_dir, exist_ok=True)
     held = [f for f in ('ckpt.pt', 'best.pt') if os.path.isfile(os.path.join(stage_dir, f))]
-    if cfg['init_from'] == 'resume' or not held:
+    if cfg['init_from'] == 'resume':
         return
-    if not cfg['overwrite']:
+    if held and not cfg['overwrite']:
         raise ConfigError(f"{stage_dir} holds another run ({', '.join(held)}); continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or choose another --out_dir")
-    for f in ('ckpt.pt', 'best.pt', 'results.json'):   # told to: the old run goes, so no file mixes the two
-        if os.path.isfile(os.path.join(stage_dir, f)):
-            os.remove(os.path.join(stage_dir, f))
+    for f in ('ckpt.pt', 'best.pt', 'results.json', 'metrics.jsonl'):   # the old run goes: no file mixes two runs
+        if os.path.isfile(os.path.join(stage_dir, f)):                   # (a log alone: a run stopped before
+            os.remove(os.path.join(stage_dir, f))                        #  its first checkpoint)
+
+
+def log_metrics(stage_dir, record):
+    """Append one JSON line to stage_dir/metrics.jsonl (plot.py draws from it). A resumed run
+    appends too, so an iteration may appear twice: readers keep its last record."""
+    with open(os.path.join(stage_dir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+        f.write(json.dumps(plain(record)) + '\n')
 
 
 def faster_dtype(model, cfg, batches, weight, logit_bias, ddp):
