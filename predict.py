@@ -111,7 +111,7 @@ class Predictor:
         else:
             logp = self.logp
             rows = np.zeros(len(contexts), dtype=np.int64) if rows is None else np.asarray(rows)
-        length = np.array([min(len(c), self.block) for c in contexts])
+        length = np.minimum(contexts.lengths if hasattr(contexts, 'lengths') else [len(c) for c in contexts], self.block)
         k = min(k, self.model.config.vocab_size - N_SPECIAL)
         bar = tqdm(total=len(contexts), desc='predicting', unit='user', disable=None if progress else True,
                    mininterval=5.0)
@@ -149,14 +149,21 @@ class Predictor:
         return out
 
 
-def dataset_contexts(data):
-    """Every user's whole stream, the last session left open (its <eos> dropped)."""
-    tok, off = data.tokens, np.asarray(data.offsets, dtype=np.int64)
-    out = []
-    for u in range(data.n_users):
-        a, b = off[u], off[u + 1]
-        out.append(np.asarray(tok[a:b - 1 if tok[b - 1] == EOS else b], dtype=np.int64))
-    return out
+class UserStreams:
+    """Every user's whole stream, read on demand from the memory-mapped dataset, the last session
+    left open (its <eos> dropped): a sequence of token-id arrays that holds no copy of its own."""
+
+    def __init__(self, data):
+        self.tokens, self.offsets = data.tokens, np.asarray(data.offsets, dtype=np.int64)
+        ends = self.offsets[1:]
+        self.ends = ends - (np.asarray(self.tokens[ends - 1]) == EOS)
+        self.lengths = self.ends - self.offsets[:-1]
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, u):
+        return np.asarray(self.tokens[self.offsets[u]:self.ends[u]], dtype=np.int64)
 
 
 def read_histories(path):
@@ -233,7 +240,7 @@ def run(cfg):
         data = load_data(p.ckpt['config']['data_dir'])
         if list(data.tokenizer.pages) != p.tokenizer.pages:
             raise ConfigError(f"{path} was trained on another vocabulary than {data.data_dir} (prepared again since?)")
-        users, contexts, where = data.user_ids(), dataset_contexts(data), data.data_dir
+        users, contexts, where = data.user_ids(), UserStreams(data), data.data_dir
         rows = np.arange(data.n_users) if p.clusters is not None else None
     print(f"{len(contexts):,} users of {where}: top {cfg['k']} pages each"
           f"{', pages already visited left out' if cfg['exclude_seen'] else ''} -> {target}")
