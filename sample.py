@@ -7,6 +7,8 @@ probabilities, and a few generated continuations of the current session.
     python sample.py --history="home search item_17"   # a history of your own (see below)
     python sample.py --history_file=history.txt        # one session per line
     python sample.py --temperature=0 --num_samples=1   # greedy continuation
+    python sample.py --out_dir=out/session/stage1      # a --split=session dataset: the real next session
+                                                       # beside a greedy and sampled ones, with their scores
 
 A history is pages separated by spaces or commas; ';' (or a new line in a file) closes a session
 and starts the next. The last session is taken as still open: the model predicts its next page,
@@ -122,7 +124,10 @@ def read_history_file(path):
         raise ConfigError(f"--history_file={path}:{line}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
 
 
-def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0):
+def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0, real=None):
+    """Print a history's last pages, its top-k next pages and num_samples continuations; given the
+    real next session (page ids, a session split's held-out one), it is printed first and every
+    continuation is scored against it (sessions.session_scores), a greedy one included."""
     pages = [p for p in tokenizer.decode(ids) if not p.startswith('<') or p == '<unk>']
     tail = ' '.join(pages[-12:])
     print(f"\n{title}: {len(pages)} pages, last: {'... ' if len(pages) > 12 else ''}{tail}")
@@ -133,10 +138,19 @@ def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0):
     print(f"  next page (P(session ends) = {probs[EOS]:.3f}):")
     for rank, (p, i) in enumerate(zip(top_p.tolist(), top_i.tolist()), 1):
         print(f"    {rank:2d}. {tokenizer.pages[i + N_SPECIAL]:<30s} {p:.3f}")
-    for s in range(cfg['num_samples']):
-        cont = generate(model, ids, cfg['max_new_tokens'], cfg['temperature'], cfg['sample_top_k'], generator,
-                        device, cluster)
-        print(f"  continuation {s + 1}: {' '.join(tokenizer.decode(cont)) or '(session ends)'}")
+    runs = [(f"continuation {s + 1}", cfg['temperature']) for s in range(cfg['num_samples'])]
+    if real is not None:
+        from sessions import session_scores
+        print(f"  real next session ({len(real)} pages): {' '.join(tokenizer.decode(real))}")
+        if cfg['temperature'] > 0:
+            runs = [("greedy", 0.0)] + runs
+    for name, temperature in runs:
+        cont = generate(model, ids, cfg['max_new_tokens'], temperature, cfg['sample_top_k'], generator, device, cluster)
+        score = ''
+        if real is not None:
+            sc = session_scores(cont, real)
+            score = f"  [F1 {sc['f1']:.2f}, ROUGE-L {sc['rouge_l']:.2f}, length {sc['len_err']:+d}]"
+        print(f"  {name}: {' '.join(tokenizer.decode(cont)) or '(session ends)'}{score}")
 
 
 def run(cfg):
@@ -188,18 +202,25 @@ def run(cfg):
             users = [data.user_index(cfg['user'])]
         except KeyError:
             raise ConfigError(f"--user={cfg['user']}: no such user in {data.data_dir}") from None
-    else:  # a few users with the longest histories among the first thousand
+    else:  # a few users with the longest histories among the first thousand (with a held-out session)
         n = min(1000, data.n_users)
         lengths = data.offsets[1:n + 1] - data.offsets[:n]
+        if data.split == 'session':
+            lengths = lengths * (data.test_pos[:n] >= 0)
         users = sorted(range(len(lengths)), key=lambda u: -int(lengths[u]))[:cfg['num_users']]
     names = data.user_ids()
     for u in users:
-        ids = [int(t) for t in data.tokens[data.offsets[u]:data.offsets[u + 1]]]
+        real, end = None, data.offsets[u + 1]
+        if data.split == 'session' and data.test_pos[u] >= 0:   # the context ends at the test session's <bos>
+            end = data.test_pos[u]
+            real = [int(t) for t in data.tokens[end:data.offsets[u + 1] - 1]]
+        ids = [int(t) for t in data.tokens[data.offsets[u]:end]]
         if ids and ids[-1] == EOS:  # the last session is taken as still open
             ids = ids[:-1]
         cluster = 0 if ckpt.get('clusters') is None else int(ckpt['clusters'][u])
         show(model, tokenizer, ids, cfg, generator, dev,
-             f"user {names[u]}" + (f" (cluster {cluster})" if model.config.n_clusters > 1 else ""), cluster)
+             f"user {names[u]}" + (f" (cluster {cluster})" if model.config.n_clusters > 1 else "")
+             + (", before their held-out test session" if real is not None else ""), cluster, real)
 
 
 def main(argv):

@@ -78,3 +78,22 @@ def test_new_history_goes_to_the_set_with_the_lowest_nll():
         expected.append(float(torch.nn.functional.cross_entropy(logits[0][keep], t[keep]).detach()))
     assert nll == pytest.approx(expected, abs=1e-5)
     assert k == min(range(3), key=lambda c: expected[c])
+
+
+def test_session_split_user_shows_the_real_next_session_and_scores(tmp_path, capsys):
+    import train
+    from data import load_data, make_builtin
+    make_builtin(str(tmp_path / 'd'), n_users=120, split='session')
+    cfg = dict(train.DEFAULTS, data_dir=str(tmp_path / 'd'), out_dir=str(tmp_path / 'o'), max_iters=5, eval_interval=5,
+               log_interval=5, batch_tokens=512, block_size=32, n_layer=1, n_embd=16, warmup_iters=1, eval_users=50,
+               time_budget=0.0, dtype='float32', final_eval=False)
+    train.train(cfg)
+    data = load_data(str(tmp_path / 'd'))
+    u = int(next(i for i in range(data.n_users) if data.test_pos[i] >= 0))
+    real = data.tokenizer.decode([int(t) for t in data.tokens[data.test_pos[u]:data.offsets[u + 1] - 1]])
+    capsys.readouterr()
+    sample.run(dict(sample.DEFAULTS, out_dir=str(tmp_path / 'o' / 'stage1'), user=data.user_ids()[u], num_samples=2))
+    out = capsys.readouterr().out
+    assert 'before their held-out test session' in out
+    assert f"real next session ({len(real)} pages): {' '.join(real)}" in out
+    assert out.count('[F1 ') == 3 and '  greedy: ' in out    # greedy and two samples, each scored
