@@ -312,6 +312,8 @@ def evaluate_sessions(data, split, methods, max_users=None, seed=1337, max_len=N
     """methods: {name: logp function} (model_logp / markov_logp / popular_logp). Returns
     {name: {"users": (n,), per-user arrays..., "outcome": {...}}} and prints progress lines."""
     users, start, end = held_out(data, split)
+    if not len(users):
+        raise DataError(f"{data.data_dir}: no user has a held-out {split} session (each needs 3 sessions)")
     keep = pick_users(users, max_users, seed)
     users, start, end = users[keep], start[keep], end[keep]
     max_len = max_len or default_max_len(data)
