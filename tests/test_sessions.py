@@ -2,7 +2,6 @@
 outcome AUC against a brute-force pair count, Markov generation on a chain, the evaluate.py command."""
 import itertools
 import math
-import os
 
 import numpy as np
 import pytest
