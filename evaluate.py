@@ -29,7 +29,7 @@ import torch
 
 from data import eval_examples
 from model import resolve_device
-from tokenizer import N_SPECIAL, PAD  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
+from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
 COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail", "macro_f1", "w_prec"]
@@ -234,8 +234,9 @@ def evaluate_model(model, data, split, block_size, device, batch_size=512, max_u
 # -----------------------------------------------------------------------------
 # baselines: most-popular and first-order Markov with back-off
 
-def train_transitions(data):
-    """(prev, page) for every page target inside a training region, prev may be <bos>."""
+def train_transitions(data, eos=False):
+    """(prev, target) for every training target that is a page (or, eos=True, a page or <eos>, the
+    session task's targets); prev may be <bos>."""
     n = len(data.tokens)
     offsets, train_end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
     delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(train_end, minlength=n + 1)
@@ -244,35 +245,34 @@ def train_transitions(data):
     i = np.flatnonzero(in_train)
     tokens = np.asarray(data.tokens)
     nxt = tokens[i].astype(np.int64)
-    keep = nxt >= N_SPECIAL                                              # targets are pages only
+    keep = (nxt >= N_SPECIAL) | (eos & (nxt == EOS))
     return tokens[i[keep] - 1].astype(np.int64), nxt[keep]
 
-def popularity(data, nxt=None):
-    """Add-one smoothed probability of each page among training targets; 0 for specials. (V,)"""
+def popularity(data, nxt=None, eos=False):
+    """Add-one smoothed probability of each page (and, eos=True, of <eos>) among training targets;
+    0 for the other specials. (V,)"""
     V = data.vocab_size
     if nxt is None:
-        nxt = train_transitions(data)[1]
-    counts = np.bincount(nxt, minlength=V).astype(np.float64)
-    p = counts + 1.0
-    p[:N_SPECIAL] = 0.0
+        nxt = train_transitions(data, eos)[1]
+    p = np.bincount(nxt, minlength=V).astype(np.float64) + 1.0
+    p[[PAD, UNK, BOS] + ([] if eos else [EOS])] = 0.0
     return p / p.sum()
 
-def markov_scorer(data, beta=1.0):
-    """score(x | prev) = (c(prev, x) + beta * p_pop(x)) / (c(prev) + beta), log-space. The bigram
+def bigram_logp(data, beta=1.0, eos=False):
+    """First-order Markov with back-off: fn(prevs (B,)) -> (B, V) log of
+    (c(prev, x) + beta * p_pop(x)) / (c(prev) + beta), x over pages (and <eos> when eos). The bigram
     table is CSR over prev (sorted pair codes + np.unique), dense only for the prevs of a batch."""
     V = data.vocab_size
-    prev, nxt = train_transitions(data)
-    p_pop = popularity(data, nxt)
+    prev, nxt = train_transitions(data, eos)
+    p_pop = popularity(data, nxt, eos)
     codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
     indptr = np.searchsorted(codes // V, np.arange(V + 1))               # row u = codes[indptr[u]:indptr[u+1]]
     cols = torch.from_numpy(codes % V)
     vals = torch.from_numpy(counts.astype(np.float32))
     row_total = np.bincount(codes // V, weights=counts, minlength=V)     # c(prev), (V,)
     beta_pop = torch.from_numpy(beta * p_pop).float()                    # (V,)
-    tokens = data.tokens
 
-    def score(users, ctx_start, ctx_end):
-        prevs = np.asarray(tokens[ctx_end - 1], dtype=np.int64)          # (B,)
+    def logp(prevs):
         uniq, inv = np.unique(prevs, return_inverse=True)                # (U,)
         lens = indptr[uniq + 1] - indptr[uniq]
         row = np.repeat(np.arange(len(uniq)), lens)                      # nnz of those rows only
@@ -281,7 +281,12 @@ def markov_scorer(data, beta=1.0):
         dense[torch.from_numpy(row), cols[at]] += vals[at]
         dense /= torch.from_numpy(row_total[uniq] + beta).float().unsqueeze(1)
         return dense.log()[torch.from_numpy(inv.reshape(-1))]            # (B, V)
-    return score
+    return logp
+
+def markov_scorer(data, beta=1.0):
+    """The next page after each context's last token (bigram_logp over pages)."""
+    logp, tokens = bigram_logp(data, beta), data.tokens
+    return lambda users, ctx_start, ctx_end: logp(np.asarray(tokens[ctx_end - 1], dtype=np.int64))
 
 def popularity_scorer(data):
     logp = torch.from_numpy(popularity(data)).float().log()[None]        # (1, V) -inf on specials

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from data import DataError
-from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK
+from evaluate import bigram_logp, popularity
+from tokenizer import BOS, EOS, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
 ROW_TOKENS = 1 << 14     # context tokens per model pass (as evaluate.EVAL_TOKENS)
@@ -173,55 +174,17 @@ def model_logp(model, device, clusters=None):
     return logp
 
 
-def session_counts(data):
-    """(prev, next) of every training target that is a page or <eos> (prev may be <bos>)."""
-    offsets, end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
-    n = len(data.tokens)
-    delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(end, minlength=n + 1)
-    inside = np.cumsum(delta[:n]) > 0
-    inside[offsets[:-1][offsets[:-1] < n]] = False                        # a region's first token has no prev
-    i = np.flatnonzero(inside)
-    tok = np.asarray(data.tokens)
-    nxt = tok[i].astype(np.int64)
-    keep = (nxt >= N_SPECIAL) | (nxt == EOS)
-    return tok[i[keep] - 1].astype(np.int64), nxt[keep]
-
-
-def unigram(data, nxt=None):
-    """Add-one smoothed probability of each page and of <eos> as a training target; 0 for the others."""
-    if nxt is None:
-        nxt = session_counts(data)[1]
-    p = np.bincount(nxt, minlength=data.vocab_size).astype(np.float64) + 1.0
-    p[[PAD, UNK, BOS]] = 0.0
-    return p / p.sum()
-
-
 def markov_logp(data, beta=1.0):
-    """First-order Markov over pages and <eos>: p(x | prev) = (c(prev, x) + beta p_uni(x)) / (c(prev) + beta)."""
-    V = data.vocab_size
-    prev, nxt = session_counts(data)
-    p_uni = unigram(data, nxt)
-    codes, counts = np.unique(prev * V + nxt, return_counts=True)
-    indptr = np.searchsorted(codes // V, np.arange(V + 1))
-    row_total = np.bincount(codes // V, weights=counts, minlength=V)
-    base = torch.from_numpy(beta * p_uni).float()
-
-    def logp(contexts, rows=None, n_last=1):    # n_last is 1: the context of a bigram is one token
-        prevs = np.array([c[-1] for c in contexts], dtype=np.int64)
-        uniq, inv = np.unique(prevs, return_inverse=True)
-        dense = base.repeat(len(uniq), 1)                                  # (U, V)
-        for r, u in enumerate(uniq):
-            a, b = indptr[u], indptr[u + 1]
-            dense[r, torch.from_numpy(codes[a:b] % V)] += torch.from_numpy(counts[a:b].astype(np.float32))
-        dense /= torch.from_numpy(row_total[uniq] + beta).float().unsqueeze(1)
-        return dense.log()[torch.from_numpy(inv.reshape(-1))].unsqueeze(1)  # (B, 1, V)
-    logp.rows_per_pass = lambda T, n_last=1: max(1, ROW_LOGITS // V)
-    logp.block = 1
+    """First-order Markov over pages and <eos> (evaluate.bigram_logp), on each context's last token."""
+    bigram = bigram_logp(data, beta, eos=True)
+    logp = lambda contexts, rows=None, n_last=1: bigram(np.array([c[-1] for c in contexts], dtype=np.int64)).unsqueeze(1)
+    logp.rows_per_pass = lambda T, n_last=1: max(1, ROW_LOGITS // data.vocab_size)
+    logp.block = 1                                                      # (B, 1, V): a bigram's context is one token
     return logp
 
 
 def popular_logp(data):
-    lp = torch.from_numpy(unigram(data)).float().log()[None]               # (1, V)
+    lp = torch.from_numpy(popularity(data, eos=True)).float().log()[None]  # (1, V): a unigram over pages and <eos>
     fn = lambda contexts, rows=None, n_last=1: lp.expand(len(contexts), -1).unsqueeze(1)  # (B, 1, V)
     fn.rows_per_pass = lambda T, n_last=1: max(1, ROW_LOGITS // data.vocab_size)
     fn.block = 1
@@ -298,8 +261,7 @@ def generate(logp, contexts, rows, max_len, greedy, generator):
 
 def popular_greedy(data, n_sessions):
     """Most-popular's greedy session: the n most popular pages, n = the median training session."""
-    p = unigram(data)
-    p[:N_SPECIAL] = 0.0
+    p = popularity(data)
     n = max(1, int(np.median(train_session_lengths(data))))
     top = np.argsort(-p, kind="stable")[:n].tolist()
     return [list(top) for _ in range(n_sessions)]
