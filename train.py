@@ -449,333 +449,427 @@ def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
 
 
 def train(cfg):
-    """Run one training stage with config dict `cfg`; returns a dict of results (master process)."""
-    check_config(cfg)
-    cfg = dict(cfg)
-    ddp, rank, world, dev = setup_distributed(cfg)
-    master = rank == 0
-    device_type = 'cuda' if dev.startswith('cuda') else ('mps' if dev.startswith('mps') else 'cpu')
-    torch.manual_seed(cfg['seed'] + rank)
+    """Run one training stage with config dict `cfg`; returns the final report's results (the first
+    process, with final_eval on; None otherwise)."""
+    run = Run(cfg)
+    stop = run.fit()
+    return run.finish(stop)
 
-    # data: the built-in dataset is generated on first use
-    if os.path.normpath(cfg['data_dir']) == os.path.normpath(DEFAULTS['data_dir']):
-        if master:
-            ensure_builtin(cfg['data_dir'])
-        if ddp:
-            torch.distributed.barrier()
-    data = load_data(cfg['data_dir'])
-    a = data.meta['anchor']
-    if cfg['best_metric'] == 'auto':  # hmean needs both anchor and tail targets to exist
-        both = 0 < a['n_anchors'] < data.vocab_size - 4
-        cfg['best_metric'] = ('hmean' if cfg['stage'] == 2 and both else
-                              'session_nll' if data.split == 'session' else 'ndcg@10')
-    if cfg['best_metric'] == 'session_nll' and data.split != 'session':
-        raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
-                          f"(prepared with --split={data.split}, not --split=session)")
-    if master:
-        print(describe_anchors({'n_pages': data.vocab_size - 4, **a}))
 
-    stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
-    ckpt_path, best_path = os.path.join(stage_dir, 'ckpt.pt'), os.path.join(stage_dir, 'best.pt')
-    if master:
-        claim_stage_dir(stage_dir, cfg)
+class Run:
+    """One training stage, in the order a reader meets it:
+      __init__   the data, the run we continue (stage 1 for stage 2, or our own checkpoint on
+                 resume), the settings (from the data unless set), the model, the training
+                 targets (stage 1: every window; stage 2: the balanced subset), the optimizer;
+      fit        the loop: step, log, validate + checkpoint, early stop / cooldown, time budget;
+      finish     what happened, then the final report on best.pt.
+    The loop's state (iteration, best validation, early-stopping progress, cooldown) lives here and
+    goes into every checkpoint, so a resumed run continues where it stopped. Under DDP every process
+    builds the same Run; the first one validates, writes checkpoints and prints."""
 
-    # the run we continue, if any: stage 1's best model (stage 2), or our own latest checkpoint (resume)
-    ckpt, ref_model, s1 = None, None, None
-    if cfg['stage'] == 2:  # stage 1's best model: the starting point, the difficulty scorer, the KL reference
-        src = cfg['stage1_ckpt'] or os.path.join(cfg['out_dir'], 'stage1', 'best.pt')
-        if not os.path.isfile(src):
-            raise ConfigError(f"--stage=2 starts from stage 1, but there is no {src}; "
-                              "run python train.py --stage=1 first (same --out_dir) or set --stage1_ckpt")
-        ref_model, s1 = load_checkpoint(src, dev)
-        if s1['tokenizer']['pages'] != data.tokenizer.pages:
-            raise ConfigError(f"--stage=2: {src} was trained on another vocabulary than {cfg['data_dir']}")
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-        if master:
-            print(f"stage 2 starts from {src} (iteration {s1['iter_num']})")
-    if cfg['init_from'] == 'resume':
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
-        if ckpt['tokenizer']['pages'] != data.tokenizer.pages:
-            raise ConfigError(f"--init_from=resume: {ckpt_path} was trained on another vocabulary than {cfg['data_dir']}")
-    prior = ckpt or s1
-    if prior is not None:  # the architecture comes from the checkpoint
-        for k in MODEL_KEYS:
-            cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
-    if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
-        cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
-    cfg, derived = fill_settings(cfg, data, prior, master)
-    if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
-        cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
-                   max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
-                   lr_decay_iters=0)
-    check_config(cfg)
-    if prior is None:
-        user_clusters = load_clusters(cfg, data)
-    else:
-        user_clusters = None if prior.get('clusters') is None else prior['clusters'].numpy()
+    def __init__(self, cfg):
+        check_config(cfg)
+        self.cfg = cfg = dict(cfg)
+        self.ddp, self.rank, self.world, self.dev = setup_distributed(cfg)
+        self.master = self.rank == 0
+        self.device_type = 'cuda' if self.dev.startswith('cuda') else ('mps' if self.dev.startswith('mps') else 'cpu')
+        torch.manual_seed(cfg['seed'] + self.rank)
+        self.data = self.load_data()
+        self.stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
+        self.ckpt_path, self.best_path = (os.path.join(self.stage_dir, f) for f in ('ckpt.pt', 'best.pt'))
+        if self.master:
+            claim_stage_dir(self.stage_dir, cfg)
+        ckpt, self.ref_model, stage1 = self.runs_we_continue()
+        self.choose_settings(prior=ckpt or stage1)
+        self.build_model(ckpt)
+        self.training_targets()
+        self.restore(ckpt)
+        self.choose_dtype()
+        self.raw_model = self.model          # the plain module: checkpoints, validation
+        if cfg['compile']:
+            self.model = torch.compile(self.model)
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[int(self.dev.split(':')[1])] if self.device_type == 'cuda' else None)
+        if self.master:
+            self.print_plan()
+        self.t_start = time.time()
 
-    model_args = dict(block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'],
-                      n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
-                      n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
-    model = GPT(GPTConfig(**model_args)).to(dev)
-    if ckpt is None and ref_model is not None:
-        model.load_state_dict(ref_model.state_dict())
-    if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
-        warm_start(model, cfg, data, master)
-    logit_bias = None
-    if cfg['stage'] == 1:
-        windows = train_windows(data, cfg['block_size'])
-        weight = class_weights(cfg, data)
-    else:  # each window ends at one chosen target; every process computes the same subset
-        windows, bias = stage2_windows(data, cfg, ref_model, dev, master, user_clusters)
-        weight = None
-        if cfg['prior_keep'] > 0:
-            logit_bias = bias.to(dev)
-    if weight is not None:
-        weight = weight.to(dev)
-    groups = window_clusters(data, windows, user_clusters)
-    # scope 'all' (K independent models): one parameter set per batch, as fast as a single model;
-    # scopes with shared weights mix clusters in a batch, so shared weights see every cluster each step
-    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], cfg['batch_tokens'], rank, world, cfg['seed'],
-                             groups if cfg['cluster_scope'] == 'all' else None)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
-    iter_num, best_val, best_metrics, best_iter, elapsed_before = 0, None, {}, 0, 0.0
-    # early stopping looks at two things: best_metric, and validation NLL, which is far less noisy
-    # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
-    # evaluations of the same model); a run stops only when neither improved for `patience` of them
-    progress = {'nll': math.inf, 'iter': 0}
-    cool = None              # [iteration, learning rate] where a cooldown from best.pt began
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num, best_val, best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
-        best_iter, elapsed_before = ckpt.get('best_iter', iter_num), ckpt.get('elapsed', 0.0)
-        progress = ckpt.get('progress', {'nll': math.inf, 'iter': best_iter})
-        cool = ckpt.get('cooldown')
-        torch.set_rng_state(ckpt['rng_state'][rank % len(ckpt['rng_state'])])
-        if master:
-            print(f"resuming from {ckpt_path} at iteration {iter_num}")
-        del ckpt
-    def batch(step):
-        """Micro-batch `step` of this process: inputs, targets, cluster ids (or None), on the device."""
-        rows = schedule(step)
-        x, y = get_batch(data, windows, rows, last_only=cfg['stage'] == 2)
-        cid = None if groups is None else torch.from_numpy(groups[rows]).to(dev)
-        return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), cid
+    # --- setup -------------------------------------------------------------------------------
+    def load_data(self):
+        """The prepared dataset (the built-in one is generated on first use), and best_metric."""
+        cfg = self.cfg
+        if os.path.normpath(cfg['data_dir']) == os.path.normpath(DEFAULTS['data_dir']):
+            if self.master:
+                ensure_builtin(cfg['data_dir'])
+            if self.ddp:
+                torch.distributed.barrier()
+        data = load_data(cfg['data_dir'])
+        a = data.meta['anchor']
+        if cfg['best_metric'] == 'auto':  # hmean needs both anchor and tail targets to exist
+            both = 0 < a['n_anchors'] < data.vocab_size - 4
+            cfg['best_metric'] = ('hmean' if cfg['stage'] == 2 and both else
+                                  'session_nll' if data.split == 'session' else 'ndcg@10')
+        if cfg['best_metric'] == 'session_nll' and data.split != 'session':
+            raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
+                              f"(prepared with --split={data.split}, not --split=session)")
+        if self.master:
+            print(describe_anchors({'n_pages': data.vocab_size - 4, **a}))
+        return data
 
-    cfg['dtype'], why = pick_dtype(cfg['dtype'], dev)
-    if cfg['dtype'] == 'bfloat16' and why != 'as set' and device_type == 'cpu':  # auto: measure, never assume
-        cfg['dtype'], why = faster_dtype(model, cfg, [batch(i) for i in range(12)], weight, logit_bias, ddp)
-    autocast = nullcontext() if cfg['dtype'] == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
-    raw_model = model
-    if cfg['compile']:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[int(dev.split(':')[1])] if device_type == 'cuda' else None)
+    def runs_we_continue(self):
+        """(our own latest checkpoint on resume, stage 1's model, stage 1's checkpoint); None where
+        there is none. Stage 1's best model is stage 2's start, difficulty scorer and KL reference."""
+        cfg, data = self.cfg, self.data
+        ckpt, ref_model, stage1 = None, None, None
+        if cfg['stage'] == 2:
+            src = cfg['stage1_ckpt'] or os.path.join(cfg['out_dir'], 'stage1', 'best.pt')
+            if not os.path.isfile(src):
+                raise ConfigError(f"--stage=2 starts from stage 1, but there is no {src}; "
+                                  "run python train.py --stage=1 first (same --out_dir) or set --stage1_ckpt")
+            ref_model, stage1 = load_checkpoint(src, self.dev)
+            if stage1['tokenizer']['pages'] != data.tokenizer.pages:
+                raise ConfigError(f"--stage=2: {src} was trained on another vocabulary than {cfg['data_dir']}")
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+            if self.master:
+                print(f"stage 2 starts from {src} (iteration {stage1['iter_num']})")
+        if cfg['init_from'] == 'resume':
+            if not os.path.isfile(self.ckpt_path):
+                raise ConfigError(f"--init_from=resume: no checkpoint at {self.ckpt_path}")
+            ckpt = read_checkpoint(self.ckpt_path)
+            if ckpt['tokenizer']['pages'] != data.tokenizer.pages:
+                raise ConfigError(f"--init_from=resume: {self.ckpt_path} was trained on another vocabulary "
+                                  f"than {cfg['data_dir']}")
+        return ckpt, ref_model, stage1
 
-    if master:
-        m = data.meta
+    def choose_settings(self, prior):
+        """The model and schedule: the architecture of the run we continue (prior), the settings
+        left "from the data" (recipe.py), stage 2's short fine-tuning schedule; and the clusters."""
+        cfg = self.cfg
+        if prior is not None:  # the architecture comes from the checkpoint
+            for k in MODEL_KEYS:
+                cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
+        if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
+            cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
+        cfg, self.derived = fill_settings(cfg, self.data, prior, self.master)
+        self.cfg = cfg
+        if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
+            cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
+                       max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
+                       lr_decay_iters=0)
+        check_config(cfg)
+        if prior is None:
+            self.user_clusters = load_clusters(cfg, self.data)
+        else:
+            self.user_clusters = None if prior.get('clusters') is None else prior['clusters'].numpy()
+
+    def build_model(self, ckpt):
+        """The GPT (one or K parameter sets), its starting weights and the optimizer."""
+        cfg = self.cfg
+        self.model_args = dict(block_size=cfg['block_size'], vocab_size=self.data.vocab_size, n_layer=cfg['n_layer'],
+                               n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
+                               n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
+        self.model = GPT(GPTConfig(**self.model_args)).to(self.dev)
+        if ckpt is None and self.ref_model is not None:   # stage 2 starts as stage 1's model
+            self.model.load_state_dict(self.ref_model.state_dict())
+        if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
+            warm_start(self.model, cfg, self.data, self.master)
+        self.optimizer = self.model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                                         (cfg['beta1'], cfg['beta2']), self.device_type)
+
+    def training_targets(self):
+        """What the loss sees: windows of the training histories (stage 1, with class weights), or
+        the balanced subset (stage 2, with its prior correction); and the batch schedule over them."""
+        cfg, data = self.cfg, self.data
+        self.weight, self.logit_bias = None, None
+        if cfg['stage'] == 1:
+            self.windows = train_windows(data, cfg['block_size'])
+            self.weight = class_weights(cfg, data)
+        else:  # each window ends at one chosen target; every process computes the same subset
+            self.windows, bias = stage2_windows(data, cfg, self.ref_model, self.dev, self.master, self.user_clusters)
+            if cfg['prior_keep'] > 0:
+                self.logit_bias = bias.to(self.dev)
+        if self.weight is not None:
+            self.weight = self.weight.to(self.dev)
+        self.groups = window_clusters(data, self.windows, self.user_clusters)
+        # scope 'all' (K independent models): one parameter set per batch, as fast as a single model;
+        # scopes with shared weights mix clusters in a batch, so shared weights see every cluster each step
+        self.schedule = BatchSchedule(self.windows[:, 1] - self.windows[:, 0], cfg['batch_tokens'], self.rank,
+                                      self.world, cfg['seed'], self.groups if cfg['cluster_scope'] == 'all' else None)
+
+    def restore(self, ckpt):
+        """The loop's state: fresh, or the checkpoint's (resume: weights, optimizer, RNG, best so far)."""
+        self.iter_num, self.best_val, self.best_metrics, self.best_iter, self.elapsed_before = 0, None, {}, 0, 0.0
+        # early stopping looks at two things: best_metric, and validation NLL, which is far less noisy
+        # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
+        # evaluations of the same model); a run stops only when neither improved for `patience` of them
+        self.progress = {'nll': math.inf, 'iter': 0}
+        self.cool = None              # [iteration, learning rate] where a cooldown from best.pt began
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt['model'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.iter_num, self.best_val, self.best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
+        self.best_iter, self.elapsed_before = ckpt.get('best_iter', self.iter_num), ckpt.get('elapsed', 0.0)
+        self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
+        self.cool = ckpt.get('cooldown')
+        torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
+        if self.master:
+            print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
+
+    def choose_dtype(self):
+        """float32 or bfloat16 autocast; dtype=auto on a CPU times both on the run's first batches."""
+        cfg = self.cfg
+        cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
+        if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure, never assume
+            cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
+                                                        self.weight, self.logit_bias, self.ddp)
+        self.autocast = (nullcontext() if cfg['dtype'] == 'float32' else
+                         torch.autocast(self.device_type, dtype=torch.bfloat16))
+
+    def print_plan(self):
+        cfg, m = self.cfg, self.data.meta
         print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
-              f"{data.vocab_size:,} tokens in the vocabulary, {len(windows):,} training windows")
-        print(f"model: {raw_model.get_num_params() / 1e6:.3f}M parameters; device {dev}, dtype {cfg['dtype']} ({why}), "
-              f"{world} process(es), {torch.get_num_threads()} threads each")
+              f"{self.data.vocab_size:,} tokens in the vocabulary, {len(self.windows):,} training windows")
+        print(f"model: {self.raw_model.get_num_params() / 1e6:.3f}M parameters; device {self.dev}, dtype "
+              f"{cfg['dtype']} ({self.dtype_why}), {self.world} process(es), {torch.get_num_threads()} threads each")
         budget = f", time budget {cfg['time_budget']:g} min" if cfg['time_budget'] > 0 else ""
         print(f"plan: {cfg['max_iters']:,} iterations, validation every {cfg['eval_interval']:,}, early stop after "
               f"{cfg['patience']} without a better {cfg['best_metric']}{budget}")
 
-    t_start = time.time()
-    elapsed = lambda: elapsed_before + time.time() - t_start   # seconds this run has trained, resumes included
+    # --- pieces of the loop ---------------------------------------------------------------------
+    def batch(self, step):
+        """Micro-batch `step` of this process: inputs, targets, cluster ids (or None), on the device."""
+        rows = self.schedule(step)
+        x, y = get_batch(self.data, self.windows, rows, last_only=self.cfg['stage'] == 2)
+        cid = None if self.groups is None else torch.from_numpy(self.groups[rows]).to(self.dev)
+        return x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True), cid
 
-    def checkpoint(path):
-        rng_states = [torch.get_rng_state()]
-        if ddp:  # every process's dropout RNG, so a resumed DDP run continues each stream
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        if not master:
-            return
-        save_atomic({
-            'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'rng_state': rng_states, 'elapsed': elapsed(),
-            'best_val': best_val, 'best_iter': best_iter, 'best_metrics': plain(best_metrics),
-            'progress': progress, 'cooldown': cool, 'config': dict(cfg), 'derived': derived,
-            'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
-            'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
-            'clusters': None if user_clusters is None else torch.from_numpy(user_clusters),
-        }, path)
+    def elapsed(self):
+        """Seconds this run has trained, resumes included (the time budget counts these)."""
+        return self.elapsed_before + time.time() - self.t_start
 
-    def run_eval():
-        nonlocal best_val, best_metrics, best_iter
-        raw_model.eval()
-        metrics = evaluate_model(raw_model, data, 'val', cfg['block_size'], dev,
-                                 max_users=cfg['eval_users'] or None, seed=cfg['seed'], clusters=user_clusters)
-        if data.split == 'session':   # HeTLM's task: the NLL of the whole held-out session (sessions.py)
-            metrics['session_nll'] = mean_session_nll(raw_model, data, 'val', dev, cfg['eval_users'] or None,
-                                                      cfg['seed'], user_clusters)
-        raw_model.train()
-        value = metrics[cfg['best_metric']]
-        improved = best_val is None or better(value, best_val, cfg['best_metric'])
-        if improved:
-            best_val, best_iter = value, iter_num
-            best_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        nll = metrics.get('session_nll', metrics['nll'])
-        if improved or nll < progress['nll'] - 1e-4:     # (a change in the 5th digit is not progress)
-            progress.update(nll=min(progress['nll'], nll), iter=iter_num)
-        if master:
-            log_metrics(stage_dir, {'kind': 'val', 'iter': iter_num, 'elapsed': round(elapsed(), 1), 'best': improved,
-                                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-            sess = f"session nll {metrics['session_nll']:.4f}, " if 'session_nll' in metrics else ''
-            tqdm.write(f"iter {iter_num}: val {sess}nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
-                       f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
-                       f"tail {metrics['acc_tail']:.4f}{'  (best ' + cfg['best_metric'] + ')' if improved else ''}")
-        return improved
-
-    eval_secs = []   # how long each validation took: the time budget plans with it
-
-    def agree(value):
+    def agree(self, value):
         """The first process's value, on every process (decisions that must not differ under DDP)."""
-        if not ddp:
+        if not self.ddp:
             return value
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def eval_and_checkpoint():
-        nonlocal best_iter
-        t = time.time()
-        improved = run_eval() if master else False
-        if ddp:  # everyone learns whether best improved (only the master evaluated)
-            flag = [improved, best_iter, progress]
-            torch.distributed.broadcast_object_list(flag, src=0)
-            improved, best_iter, _ = flag
-            progress.update(flag[2])
-        if improved:
-            checkpoint(best_path)
-        if improved or cfg['always_save_checkpoint'] or iter_num == cfg['max_iters']:
-            checkpoint(ckpt_path)
-        eval_secs.append(time.time() - t)
-
-    warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
-    if warm and iter_num == 0:  # the trained weights we start from are the score to beat
-        eval_and_checkpoint()
-
-    # training loop
-    ga = cfg['gradient_accumulation_steps']
-    use_kl = ref_model is not None and cfg['kl_weight'] > 0
-    deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # in seconds of elapsed()
-    model.train()
-    t0, tokens_seen, loss_acc, nll_acc = time.time(), 0, None, 0.0
-    step_secs, stop = [], None                # time of each training step (not validation), for the budget
-    bar = tqdm(total=cfg['max_iters'], initial=iter_num, desc=f"stage {cfg['stage']}", unit='it',
-               disable=not master or None, dynamic_ncols=True)
-    while iter_num < cfg['max_iters'] and stop is None:
-        t_step = time.time()
-        lr = get_lr(iter_num, cfg, cool)
-        for group in optimizer.param_groups:
+    def step(self):
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns its learning rate."""
+        cfg, ga = self.cfg, self.cfg['gradient_accumulation_steps']
+        use_kl = self.ref_model is not None and cfg['kl_weight'] > 0
+        lr = get_lr(self.iter_num, cfg, self.cool)
+        for group in self.optimizer.param_groups:
             group['lr'] = lr
         for micro in range(ga):
-            x, y, cid = batch(iter_num * ga + micro)
-            tokens_seen += int((y != -1).sum())
-            if ddp:  # sync gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == ga - 1
-            with autocast:
-                logits, loss = model(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias,
-                                     return_logits=use_kl)   # without KL: chunked loss, no (N, V) logits
-                nll = loss.detach() if use_kl else raw_model.last_nll   # unweighted (stage 2 has no weights)
+            x, y, cid = self.batch(self.iter_num * ga + micro)
+            self.tokens_seen += int((y != -1).sum())
+            if self.ddp:  # sync gradients only on the last micro-step
+                self.model.require_backward_grad_sync = micro == ga - 1
+            with self.autocast:
+                logits, loss = self.model(x, y, cluster_ids=cid, class_weight=self.weight, logit_bias=self.logit_bias,
+                                          return_logits=use_kl)   # without KL: chunked loss, no (N, V) logits
+                nll = loss.detach() if use_kl else self.raw_model.last_nll   # unweighted (stage 2 has no weights)
                 if use_kl:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
-                        ref_logits, _ = ref_model(x, y, cluster_ids=cid)
+                        ref_logits, _ = self.ref_model(x, y, cluster_ids=cid)
                     loss = loss + cfg['kl_weight'] * F.kl_div(F.log_softmax(logits.float(), -1),
                                                               F.log_softmax(ref_logits.float(), -1),
                                                               log_target=True, reduction='batchmean')
                 loss = loss / ga
             loss.backward()
-            loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
-            nll_acc += nll / ga
-        if iter_num % cfg['log_interval'] == cfg['log_interval'] - 1 and not torch.isfinite(loss_acc):
-            raise ConfigError(f"the loss diverged (non-finite) at iteration {iter_num}; "
+            self.loss_acc = loss.detach() if self.loss_acc is None else self.loss_acc + loss.detach()
+            self.nll_acc += nll / ga
+        if self.iter_num % cfg['log_interval'] == cfg['log_interval'] - 1 and not torch.isfinite(self.loss_acc):
+            raise ConfigError(f"the loss diverged (non-finite) at iteration {self.iter_num}; "
                               f"lower --learning_rate (now {cfg['learning_rate']}) or set --grad_clip")
         if cfg['grad_clip'] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        bar.update(1)
-        step_secs.append(time.time() - t_step)
-        sec_per_iter = float(np.median(step_secs[-100:]))       # the median: robust to a slow step
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg['grad_clip'])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
-        # time budget: after a few iterations, and after each validation, check the plan still fits
-        # (the first process decides for all, so every process runs the same schedule)
-        if deadline < math.inf and (len(step_secs) == 10 or iter_num % cfg['eval_interval'] == 0):
-            per_eval = np.mean(eval_secs) if eval_secs else 20 * sec_per_iter   # a guess until one ran
-            new = agree(replan(cfg, iter_num, sec_per_iter, per_eval, deadline - elapsed()))
-            if new is not None and new < cfg['max_iters']:
-                if any(k == 'eval_interval' for k, _, _ in derived):   # keep about 20 validations in all
-                    cfg['eval_interval'] = max(1, min(cfg['eval_interval'], new // 20))
-                if master:
-                    tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
-                               f"fit at {sec_per_iter * 1000:.0f} ms each; the run now ends at iteration {new:,} "
-                               f"(learning rate decays to there; validation every {cfg['eval_interval']:,})")
-                cfg['max_iters'], cfg['lr_decay_iters'] = new, min(cfg['lr_decay_iters'], new)
-                bar.total = new
-        if iter_num % cfg['log_interval'] == 0 and master:
-            dt = time.time() - t0
-            left = (cfg['max_iters'] - iter_num) * sec_per_iter
-            log_metrics(stage_dir, {'kind': 'train', 'iter': iter_num, 'elapsed': round(elapsed(), 1), 'lr': lr,
-                                    'train_nll': nll_acc.item() / cfg['log_interval'],
-                                    'tokens_per_s': tokens_seen * world / dt})
-            tqdm.write(f"iter {iter_num}/{cfg['max_iters']}: train nll {nll_acc.item() / cfg['log_interval']:.4f}"
-                       + (f" (weighted loss {loss_acc.item() / cfg['log_interval']:.4f})" if weight is not None else "")
-                       + f", lr {lr:.2e}, {tokens_seen * world / dt:,.0f} target tokens/s, "
-                       f"{fmt_time(elapsed())} elapsed, ~{fmt_time(left)} left")
-            t0, tokens_seen, loss_acc, nll_acc = time.time(), 0, None, 0.0
-        elif iter_num % cfg['log_interval'] == 0:
-            loss_acc, nll_acc = None, 0.0
-        if iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']:
-            eval_and_checkpoint()
-            t0, tokens_seen = time.time(), 0
-            if cfg['patience'] and (iter_num - progress['iter']) >= cfg['patience'] * cfg['eval_interval']:
-                why = (f"neither validation {cfg['best_metric']} nor NLL has improved for {cfg['patience']} "
-                       f"evaluations (best {cfg['best_metric']} at iteration {best_iter})")
-                if cool is None and wants_cooldown(cfg, best_iter):   # anneal best.pt instead of stopping
-                    if ddp:
-                        torch.distributed.barrier()   # best.pt is written
-                    state = read_checkpoint(best_path)
-                    raw_model.load_state_dict(state['model'])
-                    optimizer.load_state_dict(state['optimizer'])
-                    cool, progress['iter'] = [iter_num, get_lr(best_iter, cfg)], iter_num
-                    cfg['max_iters'] = bar.total = iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * best_iter))
-                    if master:
-                        tqdm.write(f"cooldown at iteration {iter_num}: {why}; best.pt's weights now train "
-                                   f"{cfg['max_iters'] - iter_num:,} more iterations, learning rate {cool[1]:.2e} -> "
-                                   f"{cfg['min_lr']:.2e}")
-                else:
-                    stop = f"early stop at iteration {iter_num}: {why}"
-        if stop is None and iter_num % cfg['log_interval'] == 0 and agree(elapsed() > deadline):
-            stop = f"time budget of {cfg['time_budget']:g} min reached at iteration {iter_num}"
-            if iter_num % cfg['eval_interval'] != 0:
-                eval_and_checkpoint()
-    bar.close()
-    if master:
-        print(stop or f"finished {iter_num:,} iterations in {fmt_time(elapsed())} (best at iteration {best_iter:,})")
-        if cfg['stage'] == 2 and best_iter == 0:
-            print(f"stage 2 keeps the stage-1 model: no fine-tuned checkpoint beat its validation {cfg['best_metric']} "
-                  f"({best_val:.4f}), so best.pt is stage 1's weights; a lower --stage2_learning_rate, "
-                  f"--kl_weight > 0 or --prior_keep=1 change less of it")
+    def log(self, lr, sec_per_iter):
+        """The log line every log_interval steps: unweighted training NLL (comparable to validation
+        NLL; the weighted loss beside it when tail_weight/class_balanced weigh targets), speed, time."""
+        cfg = self.cfg
+        if self.master:
+            dt, n = time.time() - self.t0, cfg['log_interval']
+            left = (cfg['max_iters'] - self.iter_num) * sec_per_iter
+            log_metrics(self.stage_dir, {'kind': 'train', 'iter': self.iter_num, 'elapsed': round(self.elapsed(), 1),
+                                         'lr': lr, 'train_nll': self.nll_acc.item() / n,
+                                         'tokens_per_s': self.tokens_seen * self.world / dt})
+            tqdm.write(f"iter {self.iter_num}/{cfg['max_iters']}: train nll {self.nll_acc.item() / n:.4f}"
+                       + (f" (weighted loss {self.loss_acc.item() / n:.4f})" if self.weight is not None else "")
+                       + f", lr {lr:.2e}, {self.tokens_seen * self.world / dt:,.0f} target tokens/s, "
+                       f"{fmt_time(self.elapsed())} elapsed, ~{fmt_time(left)} left")
+        self.reset_meters()
 
-    results = None
-    if master and cfg['final_eval']:
-        results = final_report(best_path, data, cfg, dev, stage_dir)
-    if ddp:
-        torch.distributed.barrier()
-        from torch.distributed import destroy_process_group
-        destroy_process_group()
-    return results
+    def reset_meters(self):
+        self.t0, self.tokens_seen, self.loss_acc, self.nll_acc = time.time(), 0, None, 0.0
+
+    def save(self, path):
+        """A checkpoint with everything a resume, sample.py and evaluate.py need (written atomically)."""
+        rng_states = [torch.get_rng_state()]
+        if self.ddp:  # every process's dropout RNG, so a resumed DDP run continues each stream
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        if not self.master:
+            return
+        data, uc = self.data, self.user_clusters
+        save_atomic({
+            'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
+            'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
+            'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
+            'config': dict(self.cfg), 'derived': self.derived,
+            'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
+            'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
+            'clusters': None if uc is None else torch.from_numpy(uc),
+        }, path)
+
+    def validate(self):
+        """Score the model on validation users (first process); update the best and the progress
+        early stopping watches; print and log. Returns whether best_metric improved."""
+        cfg, data = self.cfg, self.data
+        self.raw_model.eval()
+        metrics = evaluate_model(self.raw_model, data, 'val', cfg['block_size'], self.dev,
+                                 max_users=cfg['eval_users'] or None, seed=cfg['seed'], clusters=self.user_clusters)
+        if data.split == 'session':   # HeTLM's task: the NLL of the whole held-out session (sessions.py)
+            metrics['session_nll'] = mean_session_nll(self.raw_model, data, 'val', self.dev, cfg['eval_users'] or None,
+                                                      cfg['seed'], self.user_clusters)
+        self.raw_model.train()
+        value = metrics[cfg['best_metric']]
+        improved = self.best_val is None or better(value, self.best_val, cfg['best_metric'])
+        if improved:
+            self.best_val, self.best_iter = value, self.iter_num
+            self.best_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        nll = metrics.get('session_nll', metrics['nll'])
+        if improved or nll < self.progress['nll'] - 1e-4:     # (a change in the 5th digit is not progress)
+            self.progress.update(nll=min(self.progress['nll'], nll), iter=self.iter_num)
+        log_metrics(self.stage_dir, {'kind': 'val', 'iter': self.iter_num, 'elapsed': round(self.elapsed(), 1),
+                                     'best': improved,
+                                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        sess = f"session nll {metrics['session_nll']:.4f}, " if 'session_nll' in metrics else ''
+        tqdm.write(f"iter {self.iter_num}: val {sess}nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
+                   f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
+                   f"tail {metrics['acc_tail']:.4f}{'  (best ' + cfg['best_metric'] + ')' if improved else ''}")
+        return improved
+
+    def validate_and_save(self):
+        """Validation, then best.pt (if it improved) and ckpt.pt; every process learns the outcome."""
+        t = time.time()
+        improved = self.validate() if self.master else False
+        if self.ddp:  # everyone learns whether best improved (only the master evaluated)
+            flag = [improved, self.best_iter, self.progress]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            improved, self.best_iter, _ = flag
+            self.progress.update(flag[2])
+        if improved:
+            self.save(self.best_path)
+        if improved or self.cfg['always_save_checkpoint'] or self.iter_num == self.cfg['max_iters']:
+            self.save(self.ckpt_path)
+        self.eval_secs.append(time.time() - t)
+
+    def fit_time_budget(self, sec_per_iter):
+        """Re-plan a schedule that would overrun the time budget: end earlier, decay included."""
+        cfg = self.cfg
+        per_eval = np.mean(self.eval_secs) if self.eval_secs else 20 * sec_per_iter   # a guess until one ran
+        new = self.agree(replan(cfg, self.iter_num, sec_per_iter, per_eval, self.deadline - self.elapsed()))
+        if new is None or new >= cfg['max_iters']:
+            return
+        if any(k == 'eval_interval' for k, _, _ in self.derived):   # keep about 20 validations in all
+            cfg['eval_interval'] = max(1, min(cfg['eval_interval'], new // 20))
+        if self.master:
+            tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
+                       f"fit at {sec_per_iter * 1000:.0f} ms each; the run now ends at iteration {new:,} "
+                       f"(learning rate decays to there; validation every {cfg['eval_interval']:,})")
+        cfg['max_iters'], cfg['lr_decay_iters'] = new, min(cfg['lr_decay_iters'], new)
+        self.bar.total = new
+
+    def out_of_patience(self):
+        """After a validation: None to go on; else why the run stops. A stop at a high learning rate
+        first becomes a cooldown (best.pt's weights, decayed to min_lr), once."""
+        cfg = self.cfg
+        if not cfg['patience'] or self.iter_num - self.progress['iter'] < cfg['patience'] * cfg['eval_interval']:
+            return None
+        why = (f"neither validation {cfg['best_metric']} nor NLL has improved for {cfg['patience']} "
+               f"evaluations (best {cfg['best_metric']} at iteration {self.best_iter})")
+        if self.cool is not None or not wants_cooldown(cfg, self.best_iter):
+            return f"early stop at iteration {self.iter_num}: {why}"
+        if self.ddp:
+            torch.distributed.barrier()   # best.pt is written
+        state = read_checkpoint(self.best_path)
+        self.raw_model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.cool, self.progress['iter'] = [self.iter_num, get_lr(self.best_iter, cfg)], self.iter_num
+        cfg['max_iters'] = self.bar.total = self.iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * self.best_iter))
+        if self.master:
+            tqdm.write(f"cooldown at iteration {self.iter_num}: {why}; best.pt's weights now train "
+                       f"{cfg['max_iters'] - self.iter_num:,} more iterations, learning rate {self.cool[1]:.2e} -> "
+                       f"{cfg['min_lr']:.2e}")
+        return None
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def fit(self):
+        """Train until max_iters, early stopping or the time budget; returns why it stopped early
+        (None: it ran its iterations)."""
+        cfg = self.cfg
+        self.eval_secs, step_secs, stop = [], [], None   # validation and step times: the budget plans with them
+        self.deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # seconds of elapsed()
+        warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
+        if warm and self.iter_num == 0:  # the trained weights we start from are the score to beat
+            self.validate_and_save()
+        self.bar = tqdm(total=cfg['max_iters'], initial=self.iter_num, desc=f"stage {cfg['stage']}", unit='it',
+                        disable=not self.master or None, dynamic_ncols=True)
+        self.model.train()
+        self.reset_meters()
+        while self.iter_num < cfg['max_iters'] and stop is None:
+            t_step = time.time()
+            lr = self.step()
+            self.iter_num += 1
+            self.bar.update(1)
+            step_secs.append(time.time() - t_step)
+            sec_per_iter = float(np.median(step_secs[-100:]))       # the median: robust to a slow step
+            # time budget: after a few iterations, and after each validation, check the plan still fits
+            # (the first process decides for all, so every process runs the same schedule)
+            if self.deadline < math.inf and (len(step_secs) == 10 or self.iter_num % cfg['eval_interval'] == 0):
+                self.fit_time_budget(sec_per_iter)
+            if self.iter_num % cfg['log_interval'] == 0:
+                self.log(lr, sec_per_iter)
+            if self.iter_num % cfg['eval_interval'] == 0 or self.iter_num == cfg['max_iters']:
+                self.validate_and_save()
+                self.t0, self.tokens_seen = time.time(), 0
+                stop = self.out_of_patience()
+            if stop is None and self.iter_num % cfg['log_interval'] == 0 and self.agree(self.elapsed() > self.deadline):
+                stop = f"time budget of {cfg['time_budget']:g} min reached at iteration {self.iter_num}"
+                if self.iter_num % cfg['eval_interval'] != 0:
+                    self.validate_and_save()
+        self.bar.close()
+        return stop
+
+    def finish(self, stop):
+        """Say how the run ended, then the final report on best.pt (first process)."""
+        cfg, results = self.cfg, None
+        if self.master:
+            print(stop or f"finished {self.iter_num:,} iterations in {fmt_time(self.elapsed())} "
+                          f"(best at iteration {self.best_iter:,})")
+            if cfg['stage'] == 2 and self.best_iter == 0:
+                print(f"stage 2 keeps the stage-1 model: no fine-tuned checkpoint beat its validation "
+                      f"{cfg['best_metric']} ({self.best_val:.4f}), so best.pt is stage 1's weights; a lower "
+                      f"--stage2_learning_rate, --kl_weight > 0 or --prior_keep=1 change less of it")
+            if cfg['final_eval']:
+                results = final_report(self.best_path, self.data, cfg, self.dev, self.stage_dir)
+        if self.ddp:
+            torch.distributed.barrier()
+            from torch.distributed import destroy_process_group
+            destroy_process_group()
+        return results
 
 
 def wants_cooldown(cfg, best_iter):
