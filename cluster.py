@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from configurator import Progress
 
 # -----------------------------------------------------------------------------
 data_dir = 'data/builtin'      # a dataset prepared by data.py; data/builtin is generated when missing
@@ -108,8 +108,7 @@ def model_vectors(model, data, block_size, device, batch_tokens=16384):
     out = torch.zeros(data.n_users, model.config.n_embd)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=int(lengths.sum()), unit='tok', unit_scale=True, disable=None, leave=False,
-               desc='user vectors')
+    bar = Progress(total=int(lengths.sum()), unit='tok', unit_scale=True, leave=False, desc='user vectors')
     for L in np.unique(lengths[lengths > 0]).tolist():
         users = np.flatnonzero(lengths == L)
         rows = max(1, batch_tokens // L)
@@ -205,7 +204,7 @@ def kmeans(x, k, n_init=4, max_iter=100, tol=1e-4, seed=1337, init=None, chunk_e
     tol = tol * float(x.var(dim=0, unbiased=False).mean())
     best = None
     runs = 1 if init is not None else n_init
-    bar = tqdm(range(runs), desc=f'k-means k={k}', disable=None, leave=False)
+    bar = Progress(range(runs), desc=f'k-means k={k}', leave=False)
     for _ in bar:
         if init is not None:
             c0 = torch.as_tensor(init, dtype=torch.float32).clone()

@@ -10,11 +10,16 @@ that an int is accepted for a float (`--learning_rate=1`) and 0/1/true/false for
 
 Used by train.py, sample.py, cluster.py:
     config = parse_config(defaults, sys.argv[1:])
+
+Also the scripts' progress reports (`Progress`): a tqdm bar on a terminal, plain lines elsewhere.
 """
 
 import ast
 import os
 import sys
+import time
+
+from tqdm import tqdm
 
 
 class ConfigError(ValueError):
@@ -105,3 +110,36 @@ def run_main(run, defaults, argv, errors=()):
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class Progress(tqdm):
+    """tqdm's bar on a terminal. Where output goes to a file or a pipe (nohup, CI, a job log) a bar
+    would be one long line of carriage returns, and tqdm's own rule (disable=None) shows nothing;
+    there this prints a plain line at most every `every` seconds: what, how far, elapsed, time
+    left, rate. Work that ends within `every` seconds prints nothing; longer work ends with a line
+    saying it is done. Arguments as tqdm's; disable=True still silences it."""
+
+    def __init__(self, iterable=None, *args, every=30.0, **kw):
+        stream = kw.get('file') or sys.stderr
+        self.plain = not (hasattr(stream, 'isatty') and stream.isatty()) and kw.get('disable') is not True
+        if self.plain:
+            kw.update(disable=False, leave=False, mininterval=every, file=stream)
+            total = kw.get('total', len(iterable) if hasattr(iterable, '__len__') else None)
+            kw['bar_format'] = ('{desc}: {percentage:.0f}% ({n_fmt}/{total_fmt}), {elapsed} elapsed, ~{remaining} left, '
+                                '{rate_fmt}' if total else '{desc}: {n_fmt} in {elapsed}, {rate_fmt}')
+        self.every, self.printed = every, False
+        super().__init__(iterable, *args, **kw)
+
+    def display(self, msg=None, pos=None):
+        if not self.plain:
+            return super().display(msg, pos)
+        if msg is None and self.n > 0 and time.time() - self.start_t >= self.every:
+            print(self.__str__(), file=self.fp, flush=True)
+            self.printed = True
+        return False   # nothing to clear: tqdm then writes no carriage return
+
+    def close(self):
+        if self.plain and self.printed and not self.disable:
+            print(f"{self.desc}: done, {self.format_interval(time.time() - self.start_t)}", file=self.fp, flush=True)
+            self.printed = False
+        super().close()

@@ -75,8 +75,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from configurator import Progress
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK, PageTokenizer
 
 
@@ -100,8 +100,8 @@ def lines(path, newline=None):
         gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8-sig", newline=newline)
-        bar = tqdm(total=os.fstat(raw.fileno()).st_size, unit="B", unit_scale=True, disable=None, leave=False,
-                   desc=f"reading {os.path.basename(path)}")  # compressed bytes; hidden when not a TTY
+        bar = Progress(total=os.fstat(raw.fileno()).st_size, unit="B", unit_scale=True, leave=False,
+                       desc=f"reading {os.path.basename(path)}")  # compressed bytes
         lineno = 0
         try:
             for lineno, line in enumerate(f, 1):
@@ -583,7 +583,7 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
 
     files = [("tokens.bin", tokens), ("offsets.npy", offsets), ("val_pos.npy", val_pos),
              ("test_pos.npy", test_pos), ("users.txt", ev["users"]), ("tokenizer.json", tok)]
-    for name, obj in tqdm(files, desc="writing", disable=None, leave=False):
+    for name, obj in Progress(files, desc="writing", leave=False):
         write_atomic(os.path.join(folder, name), obj)
     meta["seconds"] = round(time.time() - t0, 2)
     write_atomic(os.path.join(folder, "meta.json"), meta)

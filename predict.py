@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from configurator import Progress
 
 import sessions
 from tokenizer import EOS, N_SPECIAL
@@ -113,8 +113,7 @@ class Predictor:
             rows = np.zeros(len(contexts), dtype=np.int64) if rows is None else np.asarray(rows)
         length = np.minimum(contexts.lengths if hasattr(contexts, 'lengths') else [len(c) for c in contexts], self.block)
         k = min(k, self.model.config.vocab_size - N_SPECIAL)
-        bar = tqdm(total=len(contexts), desc='predicting', unit='user', disable=None if progress else True,
-                   mininterval=5.0)
+        bar = Progress(total=len(contexts), desc='predicting', unit='user', disable=not progress, mininterval=5.0)
         for c0 in range(0, len(contexts), CHUNK):   # results come out in input order, CHUNK users at a time
             part = np.arange(c0, min(c0 + CHUNK, len(contexts)))
             order = part[np.argsort(length[part], kind='stable')]

@@ -31,6 +31,7 @@ import math
 import numpy as np
 import torch
 
+from configurator import Progress
 from data import DataError
 from evaluate import bigram_logp, popularity
 from tokenizer import BOS, EOS, PAD, UNK
@@ -288,7 +289,7 @@ def evaluate_sessions(data, split, methods, max_users=None, seed=1337, max_len=N
         if outcome_id == UNK:
             raise DataError(f"--outcome={outcome}: no such page in the vocabulary of {data.data_dir}")
     results = {}
-    for name, logp in methods.items():
+    for name, logp in Progress(methods.items(), desc=f"{split} sessions", unit="method", leave=False):
         block = getattr(logp, "block", 1)
         ctx = [np.asarray(tokens[max(o, a - block):a], dtype=np.int64) for o, a in zip(offsets[users], start)]
         total, known, unk = session_nll(logp, data, users, start, end)

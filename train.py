@@ -45,7 +45,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import ConfigError, run_main
+from configurator import ConfigError, Progress, run_main
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
@@ -344,7 +344,7 @@ def target_difficulty(model, data, windows, device, batch_tokens=4096, groups=No
     budget = max(64, min(batch_tokens, (1 << 24) // data.vocab_size))  # bound the (N, V) logits
     batches = epoch_batches(lengths, budget, 0, 0, groups=groups)
     pos, tgt, ce = [], [], []
-    for rows in tqdm(batches, desc='difficulty', unit='batch', disable=None):
+    for rows in Progress(batches, desc='difficulty', unit='batch', leave=False):
         x, y = get_batch(data, windows, rows)
         keep = y >= 4                                       # pages only: behaviors, not <eos>/<unk>
         y[~keep] = -1

@@ -46,3 +46,21 @@ def test_config_file_applies_in_order_and_rejects_unknown_keys(tmp_path):
         parse_config(DEFAULTS, [str(code)])
     with pytest.raises(ConfigError, match='not found'):
         parse_config(DEFAULTS, [str(tmp_path / 'missing.py')])
+
+
+def test_progress_prints_plain_lines_when_output_is_not_a_terminal():
+    import io
+    from configurator import Progress
+    log = io.StringIO()                      # a file or a pipe: not a TTY
+    for _ in Progress(range(4), desc='reading', unit='row', file=log, every=0.0):
+        pass
+    lines = log.getvalue().splitlines()
+    assert '\r' not in log.getvalue()
+    assert lines[0].startswith('reading: 25% (1/4), ') and 'elapsed, ~' in lines[0] and 'left' in lines[0]
+    assert lines[-2].startswith('reading: 100% (4/4)') and lines[-1].startswith('reading: done')
+    quick, silent = io.StringIO(), io.StringIO()
+    for _ in Progress(range(4), desc='quick', file=quick):   # done within `every` seconds: nothing
+        pass
+    for _ in Progress(range(4), desc='off', file=silent, every=0.0, disable=True):
+        pass
+    assert quick.getvalue() == '' and silent.getvalue() == ''
