@@ -45,8 +45,9 @@ full disk, kill) leaves the previous dataset as it was. Files derived from the o
 (DERIVED: segments.npy, clusters.npy, ...) never survive a new prepare; other files there (an
 input log, notes) are kept. load_data checks every file against meta.json before use.
 
-Sessions from time (event logs with time_col; default 1800 s, inf for inter and ratings):
-a gap > session_gap seconds starts a session;
+Sessions from time (event logs with time_col; default 1800 s, inf for rating logs: inter and
+ratings files, and event logs whose header has a column named like "rating"): a gap >
+session_gap seconds starts a session;
 --session_gap=0 or inf turns time-based sessions off (a user's history is then one session, cut
 only by session_col). Rating logs (MovieLens: hours or days between ratings) cut at the default
 30 minutes are mostly one-event sessions, each costing a <bos> and an <eos> token; the summary
@@ -292,9 +293,14 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
         raise DataError(f"{path}: empty file (no events)")
     if sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{"))):
         rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
+        try:
+            header = list(json.loads(head))
+        except (json.JSONDecodeError, TypeError):
+            header = []          # json_rows reports the line
     else:
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
         rows = csv_rows(path, it, head_no, head, sep, cols)
+        header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
     for lineno, row in rows:
         user, page = row[0], row[1]
         if not user or not page:
@@ -309,9 +315,11 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
                                 "(expected epoch seconds or ISO-8601)") from None
         if session_col:
             sessions.append(sid.setdefault(row[-1], len(sid)))
-    return events(path, "events", uid, pid, users, pages,
-                  time=np.frombuffer(times, dtype=np.float64) if time_col else None,
-                  session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
+    ev = events(path, "events", uid, pid, users, pages,
+                time=np.frombuffer(times, dtype=np.float64) if time_col else None,
+                session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
+    ev["rating_col"] = next((c for c in header if "rating" in str(c).lower()), None)   # a rating log?
+    return ev
 
 
 def csv_rows(path, it, head_no, head, sep, cols):
@@ -504,9 +512,6 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
     if (fmt != "events" and session_col) or (fmt not in ("events", "inter") and time_col):
         raise DataError(f"{input_path}: time_col/session_col apply to event logs only (time_col: also .inter), "
                         f"not to {fmt} files")
-    if session_gap is None:   # rating logs: one session per user, ordered by time (SASRec's ML-1M)
-        session_gap = math.inf if fmt in ("inter", "ratings") else 1800.0
-    settings.update(fmt=fmt, session_gap=session_gap)
     if fmt == "events":
         ev = read_events(input_path, user_col, page_col, time_col, session_col, sep)
     elif fmt == "inter":
@@ -515,6 +520,13 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
         ev = {"seq": read_seq, "pairs": read_pairs, "ratings": read_ratings}[fmt](input_path)
     if any("\n" in u or "\r" in u for u in ev["users"]):
         raise DataError(f"{input_path}: a user id contains a line break")
+    session_rule = "as set"
+    if session_gap is None:   # rating logs: one session per user, ordered by time (SASRec's ML-1M)
+        rating = fmt in ("inter", "ratings") or (ev.get("rating_col") and ev["time"] is not None)
+        session_gap = math.inf if rating else 1800.0
+        session_rule = (f"a rating log ({fmt + ' file' if fmt != 'events' else 'column ' + repr(ev['rating_col'])}): "
+                        "one session per user, in time order" if rating else "30 minutes, as web sessions")
+    settings.update(fmt=fmt, session_gap=session_gap)
     ev, start = sessions_of(ev, session_gap)
     user, page = ev["user"], ev["page"]
     n, n_users = len(page), len(ev["users"])
@@ -572,6 +584,7 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
             "n_events": n, "n_sessions": n_sessions, "n_tokens": len(tokens), "n_train_targets": int(train.sum()),
             "session_events_median": float(np.median(per_session)),
             "single_event_sessions": float((per_session == 1).mean()),
+            "session_rule": session_rule if ev["time"] is not None else "no times",
             "vocab_size": tok.vocab_size, "n_pages": tok.vocab_size - N_SPECIAL,
             "n_pages_in_input": len(ev["pages"]),
             "val_unk_rate": float((tokens[val_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
@@ -987,6 +1000,9 @@ def summary(meta):
         text += (f"sessions: median {meta['session_events_median']:g} events, "
                  f"{meta['single_event_sessions']:.0%} hold a single event\n")
         gap = meta["settings"].get("session_gap", 0)
+        if meta.get("session_rule", "as set") not in ("as set", "no times"):
+            cut = "--session_gap=1800 cuts it at 30-minute gaps" if gap == math.inf else "--session_gap=SECONDS to change"
+            text += f"session_gap {gap:g} s: {meta['session_rule']} ({cut})\n"
         if meta["settings"].get("time_col") and 0 < gap < math.inf and meta["single_event_sessions"] > 0.5:
             text += (f"note: most sessions hold one event (each costs a <bos> and an <eos> token): the gaps between "
                      f"a user's events mostly exceed --session_gap={gap:g} s (a rating log?); --session_gap=inf "

@@ -1,6 +1,7 @@
 """Tests for data.py: readers, sessions, the leave-last-out split, windows, batches, anchors, built-in data.
 Fast, offline; every input is a small file written into tmp_path."""
 
+import math
 import gzip
 import os
 import sys
@@ -269,3 +270,15 @@ def test_rating_logs_are_one_session_per_user_unless_a_gap_is_set(tmp_path):
     d = run(tmp_path, "r2.dat", text, session_gap=3600)                                # asked for: daily sessions
     assert d.meta["n_sessions"] == 4 and d.meta["settings"]["session_gap"] == 3600
     assert load_data(str(tmp_path / "ds_ratings_dat")).meta["settings"]["fmt"] == "ratings"
+
+
+def test_an_event_log_with_a_rating_column_is_one_session_per_user(tmp_path):
+    body = "u1,a,4,0\nu1,b,4,86400\nu1,c,4,172800\nu1,d,4,259200\n"                    # a rating a day
+    rated = run(tmp_path, "r.csv", "user,page,rating,time\n" + body, time_col="time")
+    assert rated.meta["n_sessions"] == 1 and rated.meta["settings"]["session_gap"] == math.inf
+    assert "column 'rating'" in rated.meta["session_rule"] and "session_gap inf s" in data.summary(rated.meta)
+    plain = run(tmp_path, "e.csv", "user,page,stars,time\n" + body, time_col="time")   # no rating column: web sessions
+    assert plain.meta["n_sessions"] == 4 and plain.meta["settings"]["session_gap"] == 1800
+    assert "note: most sessions hold one event" in data.summary(plain.meta)
+    asked = run(tmp_path, "r3.csv", "user,page,rating,time\n" + body, time_col="time", session_gap=3600)
+    assert asked.meta["n_sessions"] == 4 and asked.meta["session_rule"] == "as set"
