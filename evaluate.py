@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import Progress
+from configurator import Progress, compact_heap
 from data import eval_examples
 from model import resolve_device
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
@@ -159,14 +159,15 @@ def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
     order = np.argsort(ctx_end - ctx_start, kind="stable")
     out = {name: {k: [] for k in ("rank", "logp", "pred")} for name in scorers}
     batch_size = max(1, min(batch_size, EVAL_LOGITS // data.vocab_size))   # bounded (B, V) scores
-    for i in Progress(range(0, len(order), batch_size), desc=f"scoring {split}", unit="batch", leave=False):
-        rows = order[i:i + batch_size]
-        tgt = torch.from_numpy(targets[rows])
-        for name, score in scorers.items():
-            scores = score(users[rows], ctx_start[rows], ctx_end[rows])  # (B, V)
-            r = rank_metrics(scores, tgt.to(scores.device))
-            for k in r:
-                out[name][k].append(r[k].cpu().numpy())
+    with compact_heap():   # (B, V) blocks of a new size at each batch would fragment the heap
+        for i in Progress(range(0, len(order), batch_size), desc=f"scoring {split}", unit="batch", leave=False):
+            rows = order[i:i + batch_size]
+            tgt = torch.from_numpy(targets[rows])
+            for name, score in scorers.items():
+                scores = score(users[rows], ctx_start[rows], ctx_end[rows])  # (B, V)
+                r = rank_metrics(scores, tgt.to(scores.device))
+                for k in r:
+                    out[name][k].append(r[k].cpu().numpy())
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     results = {}

@@ -64,3 +64,25 @@ def test_progress_prints_plain_lines_when_output_is_not_a_terminal():
     for _ in Progress(range(4), desc='off', file=silent, every=0.0, disable=True):
         pass
     assert quick.getvalue() == '' and silent.getvalue() == ''
+
+
+def test_compact_heap_fixes_the_mmap_threshold_inside_and_restores_glibcs_ceiling(monkeypatch):
+    import ctypes
+    import configurator
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(('trim', pad))
+    monkeypatch.setattr(ctypes, 'CDLL', lambda name: Libc())
+    monkeypatch.delenv('MALLOC_MMAP_THRESHOLD_', raising=False)
+    with configurator.compact_heap():
+        assert calls == [(-3, 4 << 20)]              # M_MMAP_THRESHOLD, 4 MB while scoring
+    assert calls[1:] == [(-3, 32 << 20), ('trim', 0)]
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '65536')
+    with configurator.compact_heap():
+        pass
+    assert len(calls) == 3                           # the user's setting stands
