@@ -127,9 +127,35 @@ def compact_heap(threshold=4 << 20):
             libc.malloc_trim(0)
 
 
+def usage(module, defaults):
+    """--help: the script's docstring, then its settings as its globals block writes them (default
+    and comment, continuation comments included)."""
+    text = [(module.__doc__ or '').strip(), '', 'settings (--key=value, or a config file of `key = value` lines):']
+    try:
+        with open(module.__file__, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError, AttributeError):
+        lines = []
+    for key, value in defaults.items():
+        at = next((i for i, line in enumerate(lines) if line.startswith(f"{key} = ")), None)
+        if at is None:
+            text.append(f"{key} = {value!r}")
+            continue
+        text.append(lines[at])
+        at += 1
+        while at < len(lines) and lines[at].startswith(' ') and lines[at].lstrip().startswith('#'):
+            text.append(lines[at])
+            at += 1
+    return "\n".join(text)
+
+
 def run_main(run, defaults, argv, errors=()):
     """A script's main: parse argv over `defaults`, call run(config). A ConfigError, or one of
-    `errors` (e.g. data.DataError), is printed as one line and exits with status 2, no traceback."""
+    `errors` (e.g. data.DataError), is printed as one line and exits with status 2, no traceback.
+    -h / --help prints the script's docstring and settings."""
+    if any(a in ('-h', '--help') for a in argv):
+        print(usage(sys.modules.get(run.__module__), defaults))
+        return None
     try:
         return run(parse_config(defaults, argv))
     except (ConfigError, *errors) as e:

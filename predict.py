@@ -46,7 +46,7 @@ exclude_seen = False     # leave out pages already in the user's history
 device = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = {key: v for key, v in dict(globals()).items()
-            if not key.startswith('_') and isinstance(v, (int, float, bool, str))}
+            if not key.startswith('_') and not key.isupper() and isinstance(v, (int, float, bool, str))}
 CHUNK = 1 << 16   # users ranked before their rows are written (sorted by length inside): bounds memory
 
 

@@ -86,3 +86,15 @@ def test_compact_heap_fixes_the_mmap_threshold_inside_and_restores_glibcs_ceilin
     with configurator.compact_heap():
         pass
     assert len(calls) == 3                           # the user's setting stands
+
+
+@pytest.mark.parametrize('script', ['train', 'predict', 'sample', 'cluster'])
+def test_help_prints_the_docstring_and_every_setting_with_its_comment(script, capsys):
+    import importlib
+    mod = importlib.import_module(script)
+    mod.main(['--help'])
+    out = capsys.readouterr().out
+    assert out.startswith(mod.__doc__.strip().splitlines()[0])
+    settings = out.split('settings (--key=value')[1].splitlines()[1:]
+    names = [line.split(' = ')[0] for line in settings if not line.startswith(' ')]
+    assert names == list(mod.DEFAULTS)                  # every setting, in order, nothing else
