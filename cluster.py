@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
+
 from configurator import Progress
 
 # -----------------------------------------------------------------------------

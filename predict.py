@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 import torch
-from configurator import Progress
 
 import sessions
+from configurator import Progress
 from tokenizer import EOS, N_SPECIAL
 
 # -----------------------------------------------------------------------------
