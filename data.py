@@ -16,7 +16,10 @@ and a user's stream is their sessions in time order. BehaviorLM splits pages int
 Input formats (gzip is detected by its magic bytes, whatever the file name; UTF-8 text, a byte-order
 mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line):
 - events: .csv/.tsv/.jsonl with a header (jsonl: one object per line); columns user_col, page_col,
-  optional time_col (epoch seconds or ISO-8601; naive times are UTC) and session_col. With time,
+  optional time_col (epoch seconds or ISO-8601; naive times are UTC; epoch milliseconds are
+  recognised) and session_col. Columns left at their defaults and missing are looked up by their
+  usual names (COLUMN_NAMES: user_id, item_id, timestamp, ...), a time column too unless
+  --time_col= (empty) says none; the summary names what it found. With time,
   a user's events are stably sorted by time and a gap > session_gap seconds starts a new session;
   a change of session id starts one too. With neither, a user's events are one session.
 - seq: one sequence (= one session) per line, whitespace-separated pages. A first token ending in
@@ -167,8 +170,10 @@ def detect_format(path, user_col="user", page_col="page"):
     fields = first[0].split("\t")
     if len(fields) >= 2 and all(f.count(":") == 1 and f.split(":")[1] for f in fields):
         return "inter"                                 # a RecBole typed header, `name:type` in every field
-    if first[0].startswith("{") or any({user_col, page_col} <= {c.strip() for c in first[0].split(s)} for s in ",\t"):
-        return "events"
+    for s in ",\t":   # a header that names a user and a page column (as given, or by COLUMN_NAMES)
+        u, p, _, _ = pick_columns([c.strip() for c in first[0].split(s)], user_col, page_col, "")
+        if first[0].startswith("{") or {u, p} <= {c.strip() for c in first[0].split(s)}:
+            return "events"
     # pairs when all but one line (or 90%) have two fields, so one malformed line is reported by
     # read_pairs, not taken as a sign of a sequence file (which would silently make users into pages)
     n_pairs = sum(len(ln.split()) == 2 for ln in first)
@@ -282,25 +287,64 @@ def read_inter(path, user_col="user", page_col="page", time_col=None):
                   time=np.frombuffer(times, dtype=np.float64) if time_field else None)
 
 
+# Column names tried, case-insensitively and in this order, for a column of an event log left at its
+# default (--user_col=user, --page_col=page, no --time_col) that the header does not hold by that
+# name: the usual exports (RecBole/MovieLens user_id item_id timestamp, RetailRocket visitorid
+# itemid, shop customer_id product_id). The first found is used, and the summary names it.
+COLUMN_NAMES = {
+    "user": ("user", "user_id", "userid", "uid", "visitor_id", "visitorid", "customer_id", "customerid",
+             "client_id", "clientid", "member_id", "account_id"),
+    "page": ("page", "item", "item_id", "itemid", "product_id", "productid", "product", "page_id", "url",
+             "movie_id", "movieid", "app", "app_id", "action", "event"),
+    "time": ("time", "timestamp", "ts", "datetime", "event_time", "time_stamp", "created_at", "date"),
+}
+
+
+def pick_columns(header, user_col="user", page_col="page", time_col=None):
+    """(user, page, time column, [(role, name) found by COLUMN_NAMES]) for an event log's header.
+    A column named on the command line is used as given; time_col None takes a time column found by
+    name (none found: no times), '' means no times."""
+    lower = {}
+    for c in header:
+        lower.setdefault(str(c).strip().lower(), c)
+    found = []
+
+    def pick(role, given):
+        if given is not None and (role == "time" or given != role or given in header):
+            return given or None
+        name = next((lower[n] for n in COLUMN_NAMES[role] if n in lower), None)
+        if name is not None and name not in (user_col, page_col):
+            found.append((role, name))
+            return name
+        return given if role != "time" else None
+    user_col, page_col = pick("user", user_col), pick("page", page_col)
+    return user_col, page_col, pick("time", time_col), found
+
+
 def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
-    """Event log with a header, .csv/.tsv (sep) or .jsonl; the time and session columns are optional."""
+    """Event log with a header, .csv/.tsv (sep) or .jsonl; the time and session columns are optional
+    (columns found by name: pick_columns). Epoch times in milliseconds are read as such."""
     uid, pid, users, pages, times, sid, sessions = {}, {}, array("q"), array("q"), array("d"), {}, array("q")
-    cols = [c for c in (user_col, page_col, time_col, session_col) if c]
     name = os.path.basename(path).lower().removesuffix(".gz")
     it = lines(path, newline="")
     head_no, head = next((x for x in it if x[1].strip()), (0, ""))
     if not head:
         raise DataError(f"{path}: empty file (no events)")
-    if sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{"))):
-        rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
+    jsonl = sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{")))
+    if jsonl:
         try:
             header = list(json.loads(head))
         except (json.JSONDecodeError, TypeError):
             header = []          # json_rows reports the line
     else:
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
-        rows = csv_rows(path, it, head_no, head, sep, cols)
         header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
+    user_col, page_col, time_col, found = pick_columns(header, user_col, page_col, time_col)
+    cols = [c for c in (user_col, page_col, time_col, session_col) if c]
+    if jsonl:
+        rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
+    else:
+        rows = csv_rows(path, it, head_no, head, sep, cols)
     for lineno, row in rows:
         user, page = row[0], row[1]
         if not user or not page:
@@ -315,9 +359,12 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
                                 "(expected epoch seconds or ISO-8601)") from None
         if session_col:
             sessions.append(sid.setdefault(row[-1], len(sid)))
-    ev = events(path, "events", uid, pid, users, pages,
-                time=np.frombuffer(times, dtype=np.float64) if time_col else None,
+    t = np.frombuffer(times, dtype=np.float64) if time_col else None
+    millis = t is not None and len(t) > 0 and float(np.median(t)) > 1e11   # epoch ms: year 5138 in seconds
+    ev = events(path, "events", uid, pid, users, pages, time=t / 1000 if millis else t,
                 session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
+    ev["columns"] = {"user_col": user_col, "page_col": page_col, "time_col": time_col}
+    ev["found"] = found + ([("time unit", "milliseconds")] if millis else [])
     ev["rating_col"] = next((c for c in header if "rating" in str(c).lower()), None)   # a rating log?
     return ev
 
@@ -520,6 +567,7 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
         ev = {"seq": read_seq, "pairs": read_pairs, "ratings": read_ratings}[fmt](input_path)
     if any("\n" in u or "\r" in u for u in ev["users"]):
         raise DataError(f"{input_path}: a user id contains a line break")
+    settings.update(ev.get("columns", {}))           # the columns read (some found by name)
     session_rule = "as set"
     if session_gap is None:   # rating logs: one session per user, ordered by time (SASRec's ML-1M)
         rating = fmt in ("inter", "ratings") or (ev.get("rating_col") and ev["time"] is not None)
@@ -585,6 +633,7 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
             "session_events_median": float(np.median(per_session)),
             "single_event_sessions": float((per_session == 1).mean()),
             "session_rule": session_rule if ev["time"] is not None else "no times",
+            "columns_found": [list(f) for f in ev.get("found", [])],
             "vocab_size": tok.vocab_size, "n_pages": tok.vocab_size - N_SPECIAL,
             "n_pages_in_input": len(ev["pages"]),
             "val_unk_rate": float((tokens[val_pos[evaluable]] == UNK).mean()) if n_eval else 0.0,
@@ -996,6 +1045,10 @@ def summary(meta):
     text = (f"{meta['source']} ({meta['format']}) -> {meta['n_users']:,} users ({meta['n_eval_users']:,} with val/test"
             f"{' sessions' if split == 'session' else ''}), "
             f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n")
+    if meta.get("columns_found"):
+        text += ("found by name: " + ", ".join(f"{role} {name!r}" if role != "time unit" else f"times in {name}"
+                                              for role, name in meta["columns_found"])
+                 + " (--user_col/--page_col/--time_col choose others; --time_col= reads no times)\n")
     if "single_event_sessions" in meta:
         text += (f"sessions: median {meta['session_events_median']:g} events, "
                  f"{meta['single_event_sessions']:.0%} hold a single event\n")

@@ -119,7 +119,7 @@ def test_session_column(tmp_path):
     ("bad.seq", "u1: a\nu2:\n", {}, r"bad\.seq:2: malformed"),
     ("empty.csv", "", {}, r"empty\.csv: empty"),
     ("empty.seq", "\n\n", {}, r"empty\.seq: empty"),
-    ("nocol.csv", "user,url\nu1,a\n", {}, r"nocol\.csv:1: missing column 'page'"),
+    ("nocol.csv", "user,thing\nu1,a\n", {}, r"nocol\.csv:1: missing column 'page'"),
     ("nokey.jsonl", '{"user": "u1", "page": "a"}\n{"user": "u1"}\n', {}, r"nokey\.jsonl:2: missing column 'page'"),
     ("notime.csv", "user,page\nu1,a\n", dict(time_col="time"), r"notime\.csv:1: missing column 'time'"),
     ("badtime.csv", "user,time,page\nu1,5,a\nu1,yesterday,b\n", dict(time_col="time"), r"badtime\.csv:3: bad timestamp 'yesterday'"),
@@ -282,3 +282,25 @@ def test_an_event_log_with_a_rating_column_is_one_session_per_user(tmp_path):
     assert "note: most sessions hold one event" in data.summary(plain.meta)
     asked = run(tmp_path, "r3.csv", "user,page,rating,time\n" + body, time_col="time", session_gap=3600)
     assert asked.meta["n_sessions"] == 4 and asked.meta["session_rule"] == "as set"
+
+
+def test_columns_found_by_their_usual_names_and_a_time_column_read_by_default(tmp_path):
+    body = "user_id,item_id,timestamp\nu1,b,2000\nu1,a,1000\nu1,c,3000\nu1,d,9000\n"   # not in time order
+    d = run(tmp_path, "ml.csv", body)
+    assert streams(d)["u1"][:3] == ["<bos>", "a", "b"]                                # sorted by timestamp
+    assert d.meta["columns_found"] == [["user", "user_id"], ["page", "item_id"], ["time", "timestamp"]]
+    assert d.meta["settings"]["time_col"] == "timestamp" and d.meta["n_sessions"] == 2   # 6,000 s gap > 1,800
+    assert "found by name: user 'user_id', page 'item_id', time 'timestamp'" in data.summary(d.meta)
+    flat = run(tmp_path, "ml2.csv", body, time_col="")                                  # --time_col= : no times
+    assert streams(flat)["u1"][:3] == ["<bos>", "b", "a"] and flat.meta["settings"]["time_col"] is None
+    ms = run(tmp_path, "ms.csv", "visitorid,event,itemid,timestamp\nu1,view,a,1433221332117\n"
+                                 "u1,view,b,1433221333117\nu1,view,c,1433222332117\nu1,view,d,1433229332117\n")
+    assert ms.meta["columns_found"][:2] == [["user", "visitorid"], ["page", "itemid"]]  # itemid before event
+    assert ["time unit", "milliseconds"] in ms.meta["columns_found"] and ms.meta["n_sessions"] == 2
+    with pytest.raises(DataError, match="missing column 'who'"):
+        run(tmp_path, "x.csv", body, user_col="who")                                   # as given: never replaced
+
+
+def test_a_header_with_usual_names_is_an_event_log_whatever_the_extension(tmp_path):
+    path = write(tmp_path, "log.txt", "customer_id\tproduct_id\nc1\tp1\nc1\tp2\nc1\tp3\n")
+    assert data.detect_format(path) == "events"
