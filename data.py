@@ -18,8 +18,9 @@ mark is skipped; a NUL byte, a non-UTF-8 line or a cut gzip stops with file:line
 - events: .csv/.tsv/.jsonl with a header (jsonl: one object per line); columns user_col, page_col,
   optional time_col (epoch seconds or ISO-8601; naive times are UTC; epoch milliseconds are
   recognised) and session_col. Columns left at their defaults and missing are looked up by their
-  usual names (COLUMN_NAMES: user_id, item_id, timestamp, ...), a time column too unless
-  --time_col= (empty) says none; the summary names what it found. With time,
+  usual names (COLUMN_NAMES: user_id, item_id, timestamp, session_id, ...), time and session
+  columns too unless --time_col= / --session_col= (empty) say none; a log with a session column
+  and no user column makes each session a user; the summary names what it found. With time,
   a user's events are stably sorted by time and a gap > session_gap seconds starts a new session;
   a change of session id starts one too. With neither, a user's events are one session.
 - seq: one sequence (= one session) per line, whitespace-separated pages. A first token ending in
@@ -171,7 +172,7 @@ def detect_format(path, user_col="user", page_col="page"):
     if len(fields) >= 2 and all(f.count(":") == 1 and f.split(":")[1] for f in fields):
         return "inter"                                 # a RecBole typed header, `name:type` in every field
     for s in ",\t":   # a header that names a user and a page column (as given, or by COLUMN_NAMES)
-        u, p, _, _ = pick_columns([c.strip() for c in first[0].split(s)], user_col, page_col, "")
+        u, p, _, _, _ = pick_columns([c.strip() for c in first[0].split(s)], user_col, page_col, "", "")
         if first[0].startswith("{") or {u, p} <= {c.strip() for c in first[0].split(s)}:
             return "events"
     # pairs when all but one line (or 90%) have two fields, so one malformed line is reported by
@@ -288,37 +289,40 @@ def read_inter(path, user_col="user", page_col="page", time_col=None):
 
 
 # Column names tried, case-insensitively and in this order, for a column of an event log left at its
-# default (--user_col=user, --page_col=page, no --time_col) that the header does not hold by that
-# name: the usual exports (RecBole/MovieLens user_id item_id timestamp, RetailRocket visitorid
-# itemid, shop customer_id product_id). The first found is used, and the summary names it.
+# default (--user_col=user, --page_col=page, no --time_col/--session_col) that the header does not
+# hold by that name: the usual exports (RecBole/MovieLens user_id item_id timestamp, RetailRocket
+# visitorid itemid, shop customer_id product_id; a log of sessions without users, as YooChoose or
+# Diginetica: each session is a user). The first found is used, and the summary names it.
+SESSION_NAMES = ("session", "session_id", "sessionid", "visit_id", "visitid")
 COLUMN_NAMES = {
     "user": ("user", "user_id", "userid", "uid", "visitor_id", "visitorid", "customer_id", "customerid",
-             "client_id", "clientid", "member_id", "account_id"),
+             "client_id", "clientid", "member_id", "account_id") + SESSION_NAMES,
     "page": ("page", "item", "item_id", "itemid", "product_id", "productid", "product", "page_id", "url",
              "movie_id", "movieid", "app", "app_id", "action", "event"),
     "time": ("time", "timestamp", "ts", "datetime", "event_time", "time_stamp", "created_at", "date"),
+    "session": SESSION_NAMES,
 }
 
 
-def pick_columns(header, user_col="user", page_col="page", time_col=None):
-    """(user, page, time column, [(role, name) found by COLUMN_NAMES]) for an event log's header.
-    A column named on the command line is used as given; time_col None takes a time column found by
-    name (none found: no times), '' means no times."""
+def pick_columns(header, user_col="user", page_col="page", time_col=None, session_col=None):
+    """(user, page, time, session column, [(role, name) found by COLUMN_NAMES]) for an event log's
+    header. A column named on the command line is used as given; time_col / session_col None take
+    one found by name (none found: none), '' means none."""
     lower = {}
     for c in header:
         lower.setdefault(str(c).strip().lower(), c)
     found = []
 
     def pick(role, given):
-        if given is not None and (role == "time" or given != role or given in header):
+        if given is not None and (role in ("time", "session") or given != role or given in header):
             return given or None
         name = next((lower[n] for n in COLUMN_NAMES[role] if n in lower), None)
         if name is not None and name not in (user_col, page_col):
             found.append((role, name))
             return name
-        return given if role != "time" else None
+        return given if role in ("user", "page") else None
     user_col, page_col = pick("user", user_col), pick("page", page_col)
-    return user_col, page_col, pick("time", time_col), found
+    return user_col, page_col, pick("time", time_col), pick("session", session_col), found
 
 
 def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
@@ -339,7 +343,7 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
     else:
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
         header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
-    user_col, page_col, time_col, found = pick_columns(header, user_col, page_col, time_col)
+    user_col, page_col, time_col, session_col, found = pick_columns(header, user_col, page_col, time_col, session_col)
     cols = [c for c in (user_col, page_col, time_col, session_col) if c]
     if jsonl:
         rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
@@ -363,7 +367,7 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
     millis = t is not None and len(t) > 0 and float(np.median(t)) > 1e11   # epoch ms: year 5138 in seconds
     ev = events(path, "events", uid, pid, users, pages, time=t / 1000 if millis else t,
                 session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
-    ev["columns"] = {"user_col": user_col, "page_col": page_col, "time_col": time_col}
+    ev["columns"] = {"user_col": user_col, "page_col": page_col, "time_col": time_col, "session_col": session_col}
     ev["found"] = found + ([("time unit", "milliseconds")] if millis else [])
     ev["rating_col"] = next((c for c in header if "rating" in str(c).lower()), None)   # a rating log?
     return ev
@@ -1048,7 +1052,7 @@ def summary(meta):
     if meta.get("columns_found"):
         text += ("found by name: " + ", ".join(f"{role} {name!r}" if role != "time unit" else f"times in {name}"
                                               for role, name in meta["columns_found"])
-                 + " (--user_col/--page_col/--time_col choose others; --time_col= reads no times)\n")
+                 + " (--user_col/--page_col/--time_col/--session_col choose others; --time_col= reads no times)\n")
     if "single_event_sessions" in meta:
         text += (f"sessions: median {meta['session_events_median']:g} events, "
                  f"{meta['single_event_sessions']:.0%} hold a single event\n")

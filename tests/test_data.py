@@ -304,3 +304,11 @@ def test_columns_found_by_their_usual_names_and_a_time_column_read_by_default(tm
 def test_a_header_with_usual_names_is_an_event_log_whatever_the_extension(tmp_path):
     path = write(tmp_path, "log.txt", "customer_id\tproduct_id\nc1\tp1\nc1\tp2\nc1\tp3\n")
     assert data.detect_format(path) == "events"
+
+
+def test_a_session_column_is_found_and_a_log_of_sessions_alone_makes_each_session_a_user(tmp_path):
+    both = run(tmp_path, "s.csv", "user_id,session_id,item_id\nu1,s1,a\nu1,s1,b\nu1,s2,c\nu1,s2,d\n")
+    assert both.meta["n_sessions"] == 2 and ["session", "session_id"] in both.meta["columns_found"]
+    alone = run(tmp_path, "yc.csv", "session_id,item_id\ns1,a\ns1,b\ns1,c\ns2,a\n")
+    assert alone.meta["n_users"] == 2 and alone.meta["columns_found"][0] == ["user", "session_id"]
+    assert alone.meta["settings"]["session_col"] is None
