@@ -484,7 +484,7 @@ class Run:
         self.build_model(ckpt)
         self.training_targets()
         self.restore(ckpt)
-        self.choose_dtype()
+        self.choose_dtype(resumed=None if ckpt is None else ckpt['config'].get('dtype'))
         self.raw_model = self.model          # the plain module: checkpoints, validation
         if cfg['compile']:
             self.model = torch.compile(self.model)
@@ -618,13 +618,17 @@ class Run:
         if self.master:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
 
-    def choose_dtype(self):
-        """float32 or bfloat16 autocast; dtype=auto on a CPU times both on the run's first batches."""
+    def choose_dtype(self, resumed=None):
+        """float32 or bfloat16 autocast; dtype=auto on a CPU times both on the run's first batches,
+        except on resume, which continues in the dtype the run had (resumed)."""
         cfg = self.cfg
-        cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
-        if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure, never assume
-            cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
-                                                        self.weight, self.logit_bias, self.ddp)
+        if cfg['dtype'] == 'auto' and resumed in ('float32', 'bfloat16'):
+            cfg['dtype'], self.dtype_why = resumed, 'as the run it resumes'
+        else:
+            cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
+            if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure
+                cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
+                                                            self.weight, self.logit_bias, self.ddp)
         self.autocast = (nullcontext() if cfg['dtype'] == 'float32' else
                          torch.autocast(self.device_type, dtype=torch.bfloat16))
 

@@ -23,7 +23,8 @@ def small_data(tmp_path_factory):
 
 def config(data_dir, out_dir, **kw):
     cfg = dict(train.DEFAULTS, data_dir=data_dir, out_dir=str(out_dir), max_iters=20, eval_interval=10,
-               log_interval=10, batch_tokens=512, block_size=32, n_layer=1, n_embd=32, warmup_iters=5, eval_users=200)
+               log_interval=10, batch_tokens=512, block_size=32, n_layer=1, n_embd=32, warmup_iters=5, eval_users=200,
+               dtype='float32')   # dtype=auto times steps: runs compared bit for bit must not depend on that
     cfg.update(kw)
     return cfg
 
@@ -184,8 +185,10 @@ def test_zero_flag_settings_are_stored_and_kept_on_resume(small_data, tmp_path, 
     assert all(first['config'][k] != train.AUTO[k] for k in train.AUTO)
     train.train(dict(base, max_iters=16, init_from='resume'))
     again = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
-    assert again['iter_num'] == 16 and 'settings from the data' not in capsys.readouterr().out
-    for k in ('block_size', 'n_embd', 'dropout', 'learning_rate', 'batch_tokens', 'warmup_iters'):
+    out = capsys.readouterr().out
+    assert again['iter_num'] == 16 and 'settings from the data' not in out
+    assert f"dtype {first['config']['dtype']} (as the run it resumes)" in out   # dtype=auto is not re-timed
+    for k in ('block_size', 'n_embd', 'dropout', 'learning_rate', 'batch_tokens', 'warmup_iters', 'dtype'):
         assert again['config'][k] == first['config'][k]
 
 
