@@ -349,20 +349,28 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
         rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
     else:
         rows = csv_rows(path, it, head_no, head, sep, cols)
+    guessed_time, bad_time = any(role == "time" for role, _ in found), None
     for lineno, row in rows:
         user, page = row[0], row[1]
         if not user or not page:
             raise DataError(f"{path}:{lineno}: malformed line (empty {user_col if not user else page_col!r})")
         users.append(uid.setdefault(user, len(uid)))
         pages.append(pid.setdefault(page, len(pid)))
-        if time_col:
+        if time_col and bad_time is None:
             try:
                 times.append(parse_time(row[2]))
             except (TypeError, ValueError):
-                raise DataError(f"{path}:{lineno}: bad timestamp {row[2]!r} in column {time_col!r} "
-                                "(expected epoch seconds or ISO-8601)") from None
+                if not guessed_time:
+                    raise DataError(f"{path}:{lineno}: bad timestamp {row[2]!r} in column {time_col!r} "
+                                    "(expected epoch seconds or ISO-8601)") from None
+                bad_time = (lineno, row[2])     # a column found by name that holds no times: not used
         if session_col:
             sessions.append(sid.setdefault(row[-1], len(sid)))
+    if bad_time:
+        found = [f for f in found if f[0] != "time"] + [
+            ("note", f"column {time_col!r} not read as times (line {bad_time[0]}: {bad_time[1]!r}; "
+                     "--time_col with epoch seconds or ISO-8601 values)")]
+        time_col = None
     t = np.frombuffer(times, dtype=np.float64) if time_col else None
     millis = t is not None and len(t) > 0 and float(np.median(t)) > 1e11   # epoch ms: year 5138 in seconds
     ev = events(path, "events", uid, pid, users, pages, time=t / 1000 if millis else t,
@@ -1050,8 +1058,8 @@ def summary(meta):
             f"{' sessions' if split == 'session' else ''}), "
             f"{meta['n_events']:,} events in {meta['n_sessions']:,} sessions, {meta['n_tokens']:,} tokens\n")
     if meta.get("columns_found"):
-        text += ("found by name: " + ", ".join(f"{role} {name!r}" if role != "time unit" else f"times in {name}"
-                                              for role, name in meta["columns_found"])
+        show = lambda role, name: {"time unit": f"times in {name}", "note": name}.get(role, f"{role} {name!r}")
+        text += ("found by name: " + ", ".join(show(role, name) for role, name in meta["columns_found"])
                  + " (--user_col/--page_col/--time_col/--session_col choose others; --time_col= reads no times)\n")
     if "single_event_sessions" in meta:
         text += (f"sessions: median {meta['session_events_median']:g} events, "

@@ -312,3 +312,12 @@ def test_a_session_column_is_found_and_a_log_of_sessions_alone_makes_each_sessio
     alone = run(tmp_path, "yc.csv", "session_id,item_id\ns1,a\ns1,b\ns1,c\ns2,a\n")
     assert alone.meta["n_users"] == 2 and alone.meta["columns_found"][0] == ["user", "session_id"]
     assert alone.meta["settings"]["session_col"] is None
+
+
+def test_a_time_column_found_by_name_that_holds_no_times_is_left_unread(tmp_path):
+    body = "user,page,date\nu1,a,12/01/2010\nu1,b,12/02/2010\nu1,c,12/03/2010\n"     # not ISO-8601
+    d = run(tmp_path, "d.csv", body)
+    assert d.meta["settings"]["time_col"] is None and streams(d)["u1"][1] == "a" and d.meta["n_sessions"] == 1
+    assert "column 'date' not read as times (line 2: '12/01/2010'" in data.summary(d.meta)
+    with pytest.raises(DataError, match=r"d2\.csv:2: bad timestamp '12/01/2010' in column 'date'"):
+        run(tmp_path, "d2.csv", body, time_col="date")                                # named: an error, as before
