@@ -73,32 +73,11 @@ class Predictor:
         return ids
 
     def cluster_of(self, contexts):
-        """HeTLM's rule for new histories: per row, the parameter set with the lowest NLL of the
-        pages of its last block_size + 1 tokens (batched: one pass per set and batch)."""
-        K = self.model.config.n_clusters
-        if K == 1:
+        """HeTLM's rule for new histories: per row, the parameter set with the lowest NLL of its pages
+        (sessions.set_nll, as sample.py)."""
+        if self.model.config.n_clusters == 1:
             return np.zeros(len(contexts), dtype=np.int64)
-        x = [np.asarray(c[-self.block - 1:], dtype=np.int64) for c in contexts]
-        order = np.argsort([len(c) for c in x], kind='stable')
-        nll = np.zeros((K, len(x)))
-        for c in range(K):
-            logp = sessions.model_logp(self.model, self.device, np.full(len(x), c))
-            per = logp.rows_per_pass(self.block, self.block)
-            for s in range(0, len(order), per):
-                b = order[s:s + per]
-                T = max(len(x[i]) for i in b) - 1
-                if T < 1:
-                    continue
-                tgt = np.full((len(b), T), -1, dtype=np.int64)   # targets aligned to the end, as logp's positions
-                for j, i in enumerate(b):
-                    if len(x[i]) > 1:
-                        tgt[j, T - len(x[i]) + 1:] = x[i][1:]
-                lp = logp([x[i][:-1] if len(x[i]) > 1 else x[i] for i in b], b, T)          # (B, T, V)
-                t = torch.from_numpy(tgt)
-                keep = t >= N_SPECIAL
-                got = lp.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
-                nll[c, b] = (-(torch.where(keep, got, 0.0)).sum(1) / keep.sum(1).clamp(min=1)).numpy()
-        return nll.argmin(0)
+        return sessions.set_nll(self.model, self.device, contexts).argmin(0)
 
     def rank(self, contexts, k=10, exclude_seen=False, rows=None, progress=False):
         """contexts: lists of token ids; rows: each one's user index into self.clusters (dataset

@@ -75,18 +75,11 @@ def next_page_probs(model, ids, device, cluster=0):
 
 @torch.no_grad()
 def assign_cluster(model, ids, device):
-    """HeTLM's rule for a new user: the parameter set with the lowest NLL on the user's pages.
-    Returns (cluster, NLL of each set)."""
-    K = model.config.n_clusters
-    x = torch.tensor([ids[-model.config.block_size - 1:]], dtype=torch.long, device=device)
-    idx, tgt = x[:, :-1].expand(K, -1), x[:, 1:].expand(K, -1)
-    if idx.size(1) == 0:
-        return 0, [float('nan')] * K
-    logp = torch.log_softmax(model(idx, cluster_ids=torch.arange(K))[0].float(), dim=-1)
-    nll = -logp.gather(2, tgt.unsqueeze(2)).squeeze(2)       # (K, T)
-    pages = tgt[0] >= N_SPECIAL
-    per_set = nll[:, pages].mean(1) if pages.any() else nll.mean(1)
-    return int(per_set.argmin()), per_set.tolist()
+    """HeTLM's rule for a new user: the parameter set with the lowest NLL on the user's pages
+    (sessions.set_nll, as predict.py). Returns (cluster, NLL of each set)."""
+    from sessions import set_nll
+    nll = set_nll(model, device, [ids])[:, 0]
+    return int(nll.argmin()), nll.tolist()
 
 
 @torch.no_grad()

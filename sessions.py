@@ -34,7 +34,7 @@ import torch
 from configurator import Progress
 from data import DataError
 from evaluate import bigram_logp, popularity
-from tokenizer import BOS, EOS, PAD, UNK
+from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
 ROW_TOKENS = 1 << 14     # context tokens per model pass (as evaluate.EVAL_TOKENS)
@@ -173,6 +173,35 @@ def model_logp(model, device, clusters=None):
                                                         ROW_LOGITS // (n_last * model.config.vocab_size)))
     logp.block = block
     return logp
+
+
+def set_nll(model, device, contexts):
+    """(K, N) NLL per page of each context's last block_size + 1 tokens under each of the model's K
+    parameter sets: HeTLM's rule puts a new history in the set with the lowest (predict.py,
+    sample.py). Batched: one pass per set and batch of similar length; 0 for a context with no
+    page target."""
+    K, block = model.config.n_clusters, model.config.block_size
+    x = [np.asarray(c[-block - 1:], dtype=np.int64) for c in contexts]
+    order = np.argsort([len(c) for c in x], kind="stable")
+    nll = np.zeros((K, len(x)))
+    for c in range(K):
+        logp = model_logp(model, device, np.full(len(x), c))
+        per = logp.rows_per_pass(block, block)
+        for s in range(0, len(order), per):
+            b = order[s:s + per]
+            T = max(len(x[i]) for i in b) - 1
+            if T < 1:
+                continue
+            tgt = np.full((len(b), T), -1, dtype=np.int64)   # targets aligned to the end, as logp's positions
+            for j, i in enumerate(b):
+                if len(x[i]) > 1:
+                    tgt[j, T - len(x[i]) + 1:] = x[i][1:]
+            lp = logp([x[i][:-1] if len(x[i]) > 1 else x[i] for i in b], b, T)          # (B, T, V)
+            t = torch.from_numpy(tgt)
+            keep = t >= N_SPECIAL
+            got = lp.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
+            nll[c, b] = (-(torch.where(keep, got, 0.0)).sum(1) / keep.sum(1).clamp(min=1)).numpy()
+    return nll
 
 
 def markov_logp(data, beta=1.0):

@@ -71,8 +71,9 @@ def test_new_history_goes_to_the_set_with_the_lowest_nll():
     k, nll = sample.assign_cluster(model, ids, 'cpu')
     x = torch.tensor([ids])
     expected = []
-    for c in range(3):  # page targets only (<eos>/<bos> are not behaviors)
-        logits, _ = model(x[:, :-1], cluster_ids=torch.tensor([c]))
+    for c in range(3):  # page targets only (<eos>/<bos> are not behaviors); softmax over what may follow
+        logits, _ = model(x[:, :-1], cluster_ids=torch.tensor([c]))   # a page or <eos>, not <pad>/<unk>/<bos>
+        logits[..., [0, 1, 2]] = -float('inf')
         t = x[0, 1:]
         keep = t >= 4
         expected.append(float(torch.nn.functional.cross_entropy(logits[0][keep], t[keep]).detach()))
