@@ -344,6 +344,10 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
         header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
     user_col, page_col, time_col, session_col, found = pick_columns(header, user_col, page_col, time_col, session_col)
+    for role, col in (("user", user_col), ("page", page_col)):
+        if not jsonl and col not in header:
+            raise DataError(f"{path}:{head_no}: missing column {col!r} (header: {sep.join(header)}); name the {role} "
+                            f"column with --{role}_col (names tried: {', '.join(COLUMN_NAMES[role][:6])}, ...)")
     cols = [c for c in (user_col, page_col, time_col, session_col) if c]
     if jsonl:
         rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
