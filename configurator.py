@@ -109,22 +109,26 @@ def compact_heap(threshold=4 << 20):
     raises its mmap threshold to the size of each large block freed (up to 32 MB) and serves later
     ones from its heap, which then fragments and only grows: the final report's Markov baseline on
     a 19,576-page catalogue peaked at 1.8 GB that way, 0.3 GB with a fixed 4 MB threshold (blocks
-    above it are mapped and given back when freed). Training keeps glibc's behaviour: a 4 MB
-    threshold there cost 20% of its speed (docs/performance.md), so on exit the threshold goes to
-    glibc's 32 MB ceiling and the free heap is returned. A user's MALLOC_MMAP_THRESHOLD_ wins;
-    elsewhere than glibc this does nothing."""
-    try:
-        import ctypes
-        libc = None if 'MALLOC_MMAP_THRESHOLD_' in os.environ else ctypes.CDLL(None)
-        libc and libc.mallopt(-3, int(threshold))              # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError, TypeError):
-        libc = None
+    above it are mapped and given back when freed). A 4 MB threshold during training cost 20% of
+    its speed (docs/performance.md), so on exit the threshold goes to 32 MB, where glibc's own
+    rule ends up (fixed from then on: training after a validation ran at the same speed and peak
+    as before) and the free heap is returned. A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES
+    wins; elsewhere than glibc this does nothing."""
+    mallopt = trim = None
+    if 'MALLOC_MMAP_THRESHOLD_' not in os.environ and 'GLIBC_TUNABLES' not in os.environ:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None)
+            mallopt, trim = libc.mallopt, libc.malloc_trim
+            mallopt(-3, int(threshold))                        # -3: M_MMAP_THRESHOLD (malloc.h)
+        except (OSError, AttributeError, TypeError):
+            mallopt = trim = None
     try:
         yield
     finally:
-        if libc is not None:
-            libc.mallopt(-3, 32 << 20)
-            libc.malloc_trim(0)
+        if mallopt is not None:
+            mallopt(-3, 32 << 20)
+            trim(0)
 
 
 def usage(module, defaults):
@@ -178,19 +182,21 @@ class Progress(tqdm):
             total = kw.get('total', len(iterable) if hasattr(iterable, '__len__') else None)
             kw['bar_format'] = ('{desc}: {percentage:.0f}% ({n_fmt}/{total_fmt}), {elapsed} elapsed, ~{remaining} left, '
                                 '{rate_fmt}' if total else '{desc}: {n_fmt} in {elapsed}, {rate_fmt}')
-        self.every, self.printed = every, False
+        self.every, self.printed, self.last_line = every, False, time.time()
         super().__init__(iterable, *args, **kw)
 
     def display(self, msg=None, pos=None):
         if not self.plain:
             return super().display(msg, pos)
-        if msg is None and self.n > 0 and time.time() - self.start_t >= self.every:
+        now = time.time()   # tqdm also refreshes from its monitor thread and set_postfix: one line per `every`
+        if msg is None and self.n > 0 and now - self.last_line >= self.every:
             print(self.__str__(), file=self.fp, flush=True)
-            self.printed = True
+            self.printed, self.last_line = True, now
         return False   # nothing to clear: tqdm then writes no carriage return
 
     def close(self):
-        if self.plain and self.printed and not self.disable:
+        finished = self.total is None or self.n >= self.total   # not after an error part way
+        if self.plain and self.printed and not self.disable and finished:
             print(f"{self.desc}: done, {self.format_interval(time.time() - self.start_t)}", file=self.fp, flush=True)
-            self.printed = False
+        self.printed = False
         super().close()

@@ -270,7 +270,8 @@ def read_inter(path, user_col="user", page_col="page", time_col=None):
     names = [c.strip().split(":")[0] for c in head.rstrip("\r\n").split("\t")]
     user = INTER_FIELDS[0] if user_col == "user" else user_col
     page = INTER_FIELDS[1] if page_col == "page" else page_col
-    time_field = time_col or (INTER_FIELDS[2] if INTER_FIELDS[2] in names else None)
+    time_field = time_col if time_col is not None else (INTER_FIELDS[2] if INTER_FIELDS[2] in names else None)
+    time_field = time_field or None
     cols = [c for c in (user, page, time_field) if c]
     rows = csv_rows(path, it, head_no, "\t".join(names), "\t", cols)
     uid, pid, users, pages, times = {}, {}, array("q"), array("q"), array("d")
@@ -304,6 +305,9 @@ COLUMN_NAMES = {
 }
 
 
+EPOCH_UNITS = (("nanoseconds", 1e9, 1e17), ("microseconds", 1e6, 1e14), ("milliseconds", 1e3, 1e11))
+
+
 def pick_columns(header, user_col="user", page_col="page", time_col=None, session_col=None):
     """(user, page, time, session column, [(role, name) found by COLUMN_NAMES]) for an event log's
     header. A column named on the command line is used as given; time_col / session_col None take
@@ -316,8 +320,9 @@ def pick_columns(header, user_col="user", page_col="page", time_col=None, sessio
     def pick(role, given):
         if given is not None and (role in ("time", "session") or given != role or given in header):
             return given or None
-        name = next((lower[n] for n in COLUMN_NAMES[role] if n in lower), None)
-        if name is not None and name not in (user_col, page_col):
+        taken = (user_col, page_col)
+        name = next((lower[n] for n in COLUMN_NAMES[role] if n in lower and lower[n] not in taken), None)
+        if name is not None:
             found.append((role, name))
             return name
         return given if role in ("user", "page") else None
@@ -335,11 +340,16 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
     if not head:
         raise DataError(f"{path}: empty file (no events)")
     jsonl = sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{")))
-    if jsonl:
-        try:
-            header = list(json.loads(head))
-        except (json.JSONDecodeError, TypeError):
-            header = []          # json_rows reports the line
+    if jsonl:   # the keys of the first 100 objects (an object may leave out an optional key)
+        ahead = [(head_no, head)] + list(itertools.islice(it, 99))
+        header = {}
+        for _, line in ahead:
+            try:
+                obj = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                break            # json_rows reports the line
+            header.update(dict.fromkeys(obj if isinstance(obj, dict) else ()))
+        header = list(header)
     else:
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
         header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
@@ -349,8 +359,9 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
             raise DataError(f"{path}:{head_no}: missing column {col!r} (header: {sep.join(header)}); name the {role} "
                             f"column with --{role}_col (names tried: {', '.join(COLUMN_NAMES[role][:6])}, ...)")
     cols = [c for c in (user_col, page_col, time_col, session_col) if c]
-    if jsonl:
-        rows = json_rows(path, itertools.chain([(head_no, head)], it), cols, time_col)
+    if jsonl:   # columns found by name may be absent from a line: no time (not read), no session id
+        optional = {name for role, name in found if role in ("time", "session")}
+        rows = json_rows(path, itertools.chain(ahead, it), cols, time_col, optional)
     else:
         rows = csv_rows(path, it, head_no, head, sep, cols)
     guessed_time, bad_time = any(role == "time" for role, _ in found), None
@@ -376,12 +387,15 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
                      "--time_col with epoch seconds or ISO-8601 values)")]
         time_col = None
     t = np.frombuffer(times, dtype=np.float64) if time_col else None
-    millis = t is not None and len(t) > 0 and float(np.median(t)) > 1e11   # epoch ms: year 5138 in seconds
-    ev = events(path, "events", uid, pid, users, pages, time=t / 1000 if millis else t,
+    unit = None                          # epoch seconds are ~1.7e9 today; 1e11 s would be the year 5138
+    if t is not None and len(t):
+        med = float(np.median(t))
+        unit = next(((u, f) for u, f, lo in EPOCH_UNITS if med > lo), None)
+    ev = events(path, "events", uid, pid, users, pages, time=t / unit[1] if unit else t,
                 session=np.frombuffer(sessions, dtype=np.int64) if session_col else None)
     ev["columns"] = {"user_col": user_col, "page_col": page_col, "time_col": time_col, "session_col": session_col}
-    ev["found"] = found + ([("time unit", "milliseconds")] if millis else [])
-    ev["rating_col"] = next((c for c in header if "rating" in str(c).lower()), None)   # a rating log?
+    ev["found"] = found + ([("time unit", unit[0])] if unit else [])
+    ev["rating_col"] = next((c for c in header if str(c).strip().lower() in ("rating", "ratings")), None)
     return ev
 
 
@@ -405,8 +419,9 @@ def csv_rows(path, it, head_no, head, sep, cols):
         raise DataError(f"{path}:{head_no + reader.line_num}: malformed line ({e})") from None
 
 
-def json_rows(path, it, cols, time_col=None):
-    """Yield (line number, [values of cols]) of a jsonl file, user and page as strings."""
+def json_rows(path, it, cols, time_col=None, optional=()):
+    """Yield (line number, [values of cols]) of a jsonl file, user and page as strings; a column in
+    `optional` missing from a line reads as None (time) or '' (others)."""
     for lineno, line in it:
         if not line.strip():
             continue
@@ -416,9 +431,10 @@ def json_rows(path, it, cols, time_col=None):
             raise DataError(f"{path}:{lineno}: malformed line (bad JSON: {e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: malformed line (expected a JSON object)")
-        missing = [c for c in cols if c not in obj]
+        missing = [c for c in cols if c not in obj and c not in optional]
         if missing:
             raise DataError(f"{path}:{lineno}: missing column {missing[0]!r}")
+        obj = {c: obj.get(c) for c in cols}
         row = [obj[c] if c == time_col else "" if obj[c] is None else str(obj[c]) for c in cols]
         if any("\0" in v for v in row if isinstance(v, str)):  # an escaped \u0000
             raise DataError(f"{path}:{lineno}: NUL character in a value")

@@ -212,8 +212,11 @@ def run(cfg, run_dir):
 
 
 def main(argv):
-    from configurator import run_main
+    from configurator import run_main, usage
     from data import DataError
+    if any(a in ('-h', '--help') for a in argv):
+        print(usage(sys.modules[__name__], DEFAULTS))
+        return
     dirs = [a for a in argv if not a.startswith('--')]
     if len(dirs) != 1:
         print("usage: python plot.py RUN_DIR [--split=test] [--device=auto]   (RUN_DIR: e.g. out/stage1)",

@@ -77,7 +77,7 @@ class Predictor:
         (sessions.set_nll, as sample.py)."""
         if self.model.config.n_clusters == 1:
             return np.zeros(len(contexts), dtype=np.int64)
-        return sessions.set_nll(self.model, self.device, contexts).argmin(0)
+        return sessions.pick_set(sessions.set_nll(self.model, self.device, contexts))
 
     def rank(self, contexts, k=10, exclude_seen=False, rows=None, progress=False):
         """contexts: lists of token ids; rows: each one's user index into self.clusters (dataset

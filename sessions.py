@@ -178,12 +178,12 @@ def model_logp(model, device, clusters=None):
 def set_nll(model, device, contexts):
     """(K, N) NLL per page of each context's last block_size + 1 tokens under each of the model's K
     parameter sets: HeTLM's rule puts a new history in the set with the lowest (predict.py,
-    sample.py). Batched: one pass per set and batch of similar length; 0 for a context with no
-    page target."""
+    sample.py). Batched: one pass per set and batch of similar length; NaN for a context with no
+    page target (pick_set then takes set 0)."""
     K, block = model.config.n_clusters, model.config.block_size
     x = [np.asarray(c[-block - 1:], dtype=np.int64) for c in contexts]
     order = np.argsort([len(c) for c in x], kind="stable")
-    nll = np.zeros((K, len(x)))
+    nll = np.full((K, len(x)), math.nan)
     for c in range(K):
         logp = model_logp(model, device, np.full(len(x), c))
         per = logp.rows_per_pass(block, block)
@@ -200,8 +200,14 @@ def set_nll(model, device, contexts):
             t = torch.from_numpy(tgt)
             keep = t >= N_SPECIAL
             got = lp.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
-            nll[c, b] = (-(torch.where(keep, got, 0.0)).sum(1) / keep.sum(1).clamp(min=1)).numpy()
+            n = keep.sum(1)
+            nll[c, b] = torch.where(n > 0, -(torch.where(keep, got, 0.0)).sum(1) / n.clamp(min=1), math.nan).numpy()
     return nll
+
+
+def pick_set(nll):
+    """(K, N) set_nll -> (N,) the set with the lowest NLL; set 0 where no set has a page to score."""
+    return np.where(np.isnan(nll), np.inf, nll).argmin(0)
 
 
 def markov_logp(data, beta=1.0):

@@ -486,7 +486,7 @@ class Run:
         self.restore(ckpt)
         self.choose_dtype(resumed=None if ckpt is None else ckpt['config'].get('dtype'))
         self.raw_model = self.model          # the plain module: checkpoints, validation
-        if cfg['compile']:
+        if self.cfg['compile']:    # (self.cfg: choose_settings replaced the dict)
             self.model = torch.compile(self.model)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -622,7 +622,8 @@ class Run:
         """float32 or bfloat16 autocast; dtype=auto on a CPU times both on the run's first batches,
         except on resume, which continues in the dtype the run had (resumed)."""
         cfg = self.cfg
-        if cfg['dtype'] == 'auto' and resumed in ('float32', 'bfloat16'):
+        if cfg['dtype'] == 'auto' and (resumed == 'float32' or (resumed == 'bfloat16' and
+                                       pick_dtype('auto', self.dev)[0] == 'bfloat16')):   # bf16 only where native
             cfg['dtype'], self.dtype_why = resumed, 'as the run it resumes'
         else:
             cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)

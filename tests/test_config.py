@@ -98,3 +98,16 @@ def test_help_prints_the_docstring_and_every_setting_with_its_comment(script, ca
     settings = out.split('settings (--key=value')[1].splitlines()[1:]
     names = [line.split(' = ')[0] for line in settings if not line.startswith(' ')]
     assert names == list(mod.DEFAULTS)                  # every setting, in order, nothing else
+
+
+def test_progress_prints_at_most_one_line_per_interval_and_no_done_after_an_error():
+    import io
+    from configurator import Progress
+    log = io.StringIO()
+    bar = Progress(total=100, desc='scoring', file=log, every=3600.0)
+    bar.last_line -= 3600.0                        # the first interval has passed
+    for _ in range(5):
+        bar.update(1)
+        bar.set_postfix(k=1)                       # refreshes too: still one line per interval
+    bar.close()                                    # stopped at 5 of 100: no "done"
+    assert len(log.getvalue().splitlines()) == 1 and 'done' not in log.getvalue()

@@ -321,3 +321,24 @@ def test_a_time_column_found_by_name_that_holds_no_times_is_left_unread(tmp_path
     assert "column 'date' not read as times (line 2: '12/01/2010'" in data.summary(d.meta)
     with pytest.raises(DataError, match=r"d2\.csv:2: bad timestamp '12/01/2010' in column 'date'"):
         run(tmp_path, "d2.csv", body, time_col="date")                                # named: an error, as before
+
+
+def test_found_columns_edge_cases(tmp_path):
+    # jsonl: keys from the first objects; a found session/time column may be absent from a line
+    lines = ['{"user_id": "u1", "item_id": "a"}', '{"user_id": "u1", "item_id": "b", "timestamp": 5, "session_id": "s"}',
+             '{"user_id": "u1", "item_id": "c", "timestamp": 6, "session_id": "s"}']
+    d = run(tmp_path, "j.jsonl", "\n".join(lines) + "\n")
+    assert ["session", "session_id"] in d.meta["columns_found"] and d.meta["settings"]["time_col"] is None
+    assert "column 'timestamp' not read as times (line 1: None" in data.summary(d.meta)
+    # microseconds are not milliseconds; a column merely containing "rating" is no rating log
+    us = run(tmp_path, "us.csv", "user,page,time,avg_rating\nu1,a,1433221332117000,3\nu1,b,1433221333117000,3\n"
+                                 "u1,c,1433222332117000,3\nu1,d,1433229332117000,3\n")
+    assert ["time unit", "microseconds"] in us.meta["columns_found"] and us.meta["n_sessions"] == 2
+    assert us.meta["settings"]["session_gap"] == 1800
+    # the next usual name is tried when the first is already the user column
+    s = run(tmp_path, "v.csv", "session_id,url,visit_id\nx,a,v1\nx,b,v1\nx,c,v2\n", user_col="session_id")
+    assert s.meta["columns_found"] == [["page", "url"], ["session", "visit_id"]] and s.meta["n_sessions"] == 2
+    # .inter: --time_col= (empty) reads no times
+    inter = "user_id:token\titem_id:token\ttimestamp:float\nu1\tb\t2\nu1\ta\t1\nu1\tc\t3\n"
+    assert streams(run(tmp_path, "t.inter", inter, time_col=""))["u1"][1] == "b"
+    assert streams(run(tmp_path, "t2.inter", inter))["u1"][1] == "a"

@@ -159,3 +159,10 @@ def test_train_on_a_session_split_picks_best_by_session_nll(tmp_path):
     assert results["test_sessions"]["gpt (best.pt)"]["users"] > 0
     ckpt = torch.load(tmp_path / "o" / "stage1" / "best.pt", weights_only=True)
     assert ckpt["config"]["best_metric"] == "session_nll" and "session_nll" in ckpt["best_metrics"]
+
+
+def test_a_history_with_no_page_to_score_goes_to_set_0():
+    import math
+    from sessions import pick_set
+    nll = np.array([[math.nan, 2.0, 1.0], [math.nan, 0.5, 3.0]])   # (K, N): the first history has no page
+    assert pick_set(nll).tolist() == [0, 1, 0]
