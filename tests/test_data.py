@@ -103,7 +103,7 @@ def test_time_sorting_and_gap_sessions(tmp_path):
 def test_jsonl_numeric_and_iso_times(tmp_path):
     text = ('{"user": 1, "time": 5000, "page": "b"}\n{"user": 1, "time": "1970-01-01T00:00:10+00:00", "page": "a"}\n'
             '{"user": 2, "time": 1.5, "page": "a"}\n')
-    d = run(tmp_path, "t.jsonl", text, time_col="time")
+    d = run(tmp_path, "t.jsonl", text, time_col="time", session_gap=1800)
     assert streams(d) == {"1": S("a") + S("b"), "2": S("a")}
 
 
@@ -277,9 +277,13 @@ def test_an_event_log_with_a_rating_column_is_one_session_per_user(tmp_path):
     rated = run(tmp_path, "r.csv", "user,page,rating,time\n" + body, time_col="time")
     assert rated.meta["n_sessions"] == 1 and rated.meta["settings"]["session_gap"] == math.inf
     assert "column 'rating'" in rated.meta["session_rule"] and "session_gap inf s" in data.summary(rated.meta)
-    plain = run(tmp_path, "e.csv", "user,page,stars,time\n" + body, time_col="time")   # no rating column: web sessions
-    assert plain.meta["n_sessions"] == 4 and plain.meta["settings"]["session_gap"] == 1800
-    assert "note: most sessions hold one event" in data.summary(plain.meta)
+    plain = run(tmp_path, "e.csv", "user,page,stars,time\n" + body, time_col="time")   # no rating column, but
+    assert plain.meta["n_sessions"] == 1 and plain.meta["settings"]["session_gap"] == math.inf  # 30-minute sessions
+    assert "100% of 30-minute sessions would hold a single event" in plain.meta["session_rule"]  # of one event each
+    cut = run(tmp_path, "e2.csv", "user,page,stars,time\n" + body, time_col="time", session_gap=1800)   # as asked
+    assert cut.meta["n_sessions"] == 4 and "note: most sessions hold one event" in data.summary(cut.meta)
+    web = run(tmp_path, "w.csv", "user,page,time\nu1,a,0\nu1,b,60\nu1,c,120\nu1,d,90000\nu1,e,90060\n")
+    assert web.meta["n_sessions"] == 2 and web.meta["session_rule"] == "30 minutes, as web sessions"
     asked = run(tmp_path, "r3.csv", "user,page,rating,time\n" + body, time_col="time", session_gap=3600)
     assert asked.meta["n_sessions"] == 4 and asked.meta["session_rule"] == "as set"
 

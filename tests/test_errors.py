@@ -319,15 +319,16 @@ def test_reprepare_drops_derived_files_keeps_others_and_reports_sessions(ds, tmp
     # a rating log: a day between events, so 30-minute sessions would hold one event each
     log = write(str(tmp_path), "ratings.csv", "user,item,time\n" + "".join(
         f"u{u},m{(u + i) % 7},{86400 * i}\n" for u in range(5) for i in range(4)))
-    data.main([log, f"--out_dir={out}", "--page_col=item", "--time_col=time"])
+    data.main([log, f"--out_dir={out}", "--page_col=item", "--time_col=time", "--session_gap=1800"])
     text = capsys.readouterr().out
     assert "100% hold a single event" in text and "--session_gap=inf" in text
     assert sorted(os.listdir(out)) == sorted(["meta.json", "tokens.bin", "offsets.npy", "val_pos.npy", "test_pos.npy",
                                               "users.txt", "tokenizer.json", "events.csv.gz", "notes.txt"])
     assert data.load_data(out).n_users == 5 and not [n for n in os.listdir(tmp_path) if ".tmp" in n or ".old" in n]
-    data.main([log, f"--out_dir={out}", "--page_col=item", "--time_col=time", "--session_gap=inf"])
+    data.main([log, f"--out_dir={out}", "--page_col=item", "--time_col=time"])   # by default: one session each
     meta = data.load_data(out).meta
     assert meta["n_sessions"] == 5 and meta["session_events_median"] == 4
+    assert "100% of 30-minute sessions would hold a single event" in capsys.readouterr().out
 
 
 def test_prepare_killed_while_writing_leaves_the_old_folder(ds, tmp_path):
