@@ -171,9 +171,12 @@ def detect_format(path, user_col="user", page_col="page"):
     fields = first[0].split("\t")
     if len(fields) >= 2 and all(f.count(":") == 1 and f.split(":")[1] for f in fields):
         return "inter"                                 # a RecBole typed header, `name:type` in every field
+    if first[0].startswith("{"):
+        return "events"
     for s in ",\t":   # a header that names a user and a page column (as given, or by COLUMN_NAMES)
-        u, p, _, _, _ = pick_columns([c.strip() for c in first[0].split(s)], user_col, page_col, "", "")
-        if first[0].startswith("{") or {u, p} <= {c.strip() for c in first[0].split(s)}:
+        header = [c.strip() for c in first[0].split(s)]
+        u, p, _, _, _ = pick_columns(header, user_col, page_col, "", "")
+        if {u, p} <= set(header):
             return "events"
     # pairs when all but one line (or 90%) have two fields, so one malformed line is reported by
     # read_pairs, not taken as a sign of a sequence file (which would silently make users into pages)
@@ -270,8 +273,9 @@ def read_inter(path, user_col="user", page_col="page", time_col=None):
     names = [c.strip().split(":")[0] for c in head.rstrip("\r\n").split("\t")]
     user = INTER_FIELDS[0] if user_col == "user" else user_col
     page = INTER_FIELDS[1] if page_col == "page" else page_col
-    time_field = time_col if time_col is not None else (INTER_FIELDS[2] if INTER_FIELDS[2] in names else None)
-    time_field = time_field or None
+    if time_col is None:                             # RecBole's timestamp when there is one; '' = none
+        time_col = INTER_FIELDS[2] if INTER_FIELDS[2] in names else ""
+    time_field = time_col or None
     cols = [c for c in (user, page, time_field) if c]
     rows = csv_rows(path, it, head_no, "\t".join(names), "\t", cols)
     uid, pid, users, pages, times = {}, {}, array("q"), array("q"), array("d")
@@ -497,18 +501,21 @@ def describe_anchors(a):
             f"of training targets; tail: the other pages")
 
 
-def sessions_of(ev, session_gap):
-    """Group events by user (stably; by time when there is time) and mark session starts."""
+def sort_events(ev):
+    """Group events by user (stably; by time when there is time)."""
     user, t = ev["user"], ev["time"]
     if t is not None:
         order = np.lexsort((t, user))  # stable: equal times keep file order
     elif len(user) > 1 and np.any(user[1:] < user[:-1]):
         order = np.argsort(user, kind="stable")
     else:
-        order = None
-    if order is not None:
-        ev = {**ev, **{k: ev[k][order] for k in ("user", "page", "time", "session", "line_start") if ev[k] is not None}}
-        user, t = ev["user"], ev["time"]
+        return ev
+    return {**ev, **{k: ev[k][order] for k in ("user", "page", "time", "session", "line_start") if ev[k] is not None}}
+
+
+def session_starts(ev, session_gap):
+    """(n,) bool: where a session starts in events grouped by sort_events."""
+    user, t = ev["user"], ev["time"]
     start = np.ones(len(user), dtype=bool)
     start[1:] = user[1:] != user[:-1]
     if ev["line_start"] is not None:
@@ -517,7 +524,10 @@ def sessions_of(ev, session_gap):
         start[1:] |= np.diff(t) > session_gap
     if ev["session"] is not None:
         start[1:] |= ev["session"][1:] != ev["session"][:-1]
-    return ev, start
+    return start
+
+
+SINGLE_EVENT_SESSIONS = 0.5   # above this share of one-event 30-minute sessions, a log is one session per user
 
 
 def default_session_gap(ev, fmt, split):
@@ -527,14 +537,15 @@ def default_session_gap(ev, fmt, split):
     launches): those carry no order inside a session and cost a <bos> and an <eos> per event, so
     the history is one session. Measured on Online Retail cut to one item per invoice (93% single-
     event sessions): validation NDCG@10 0.0308 / 0.0283 with 30-minute sessions, 0.0505 / 0.0465
-    as one session (two seeds; docs/recipe.md). --split=session keeps 30 minutes (it needs sessions)."""
+    as one session (two seeds; docs/recipe.md). --split=session keeps 30 minutes (it needs
+    sessions). ev: grouped by sort_events."""
     if fmt in ("inter", "ratings") or (ev.get("rating_col") and ev["time"] is not None):
         what = f"{fmt} file" if fmt != "events" else f"column {ev['rating_col']!r}"
         return math.inf, f"a rating log ({what}): one session per user, in time order"
     if ev["time"] is not None and ev["session"] is None and split == "page":
-        _, start = sessions_of(ev, 1800.0)
+        start = session_starts(ev, 1800.0)
         single = float(np.mean(np.diff(np.r_[np.flatnonzero(start), len(start)]) == 1))
-        if single > 0.5:
+        if single > SINGLE_EVENT_SESSIONS:
             return math.inf, (f"{single:.0%} of 30-minute sessions would hold a single event: one session per "
                               "user, in time order")
     return 1800.0, "30 minutes, as web sessions"
@@ -620,11 +631,11 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
     if any("\n" in u or "\r" in u for u in ev["users"]):
         raise DataError(f"{input_path}: a user id contains a line break")
     settings.update(ev.get("columns", {}))           # the columns read (some found by name)
-    session_rule = "as set"
+    ev, session_rule = sort_events(ev), "as set"
     if session_gap is None:
         session_gap, session_rule = default_session_gap(ev, fmt, split)
     settings.update(fmt=fmt, session_gap=session_gap)
-    ev, start = sessions_of(ev, session_gap)
+    start = session_starts(ev, session_gap)
     user, page = ev["user"], ev["page"]
     n, n_users = len(page), len(ev["users"])
 
@@ -1105,7 +1116,7 @@ def summary(meta):
         if meta.get("session_rule", "as set") not in ("as set", "no times"):
             cut = "--session_gap=1800 cuts it at 30-minute gaps" if gap == math.inf else "--session_gap=SECONDS to change"
             text += f"session_gap {gap:g} s: {meta['session_rule']} ({cut})\n"
-        if meta["settings"].get("time_col") and 0 < gap < math.inf and meta["single_event_sessions"] > 0.5:
+        if meta["settings"].get("time_col") and 0 < gap < math.inf and meta["single_event_sessions"] > SINGLE_EVENT_SESSIONS:
             text += (f"note: most sessions hold one event (each costs a <bos> and an <eos> token): the gaps between "
                      f"a user's events mostly exceed --session_gap={gap:g} s (a rating log?); --session_gap=inf "
                      f"makes each user's history one session, or set a longer gap\n")
