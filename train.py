@@ -486,7 +486,7 @@ class Run:
         self.restore(ckpt)
         self.choose_dtype(resumed=None if ckpt is None else ckpt['config'].get('dtype'))
         self.raw_model = self.model          # the plain module: checkpoints, validation
-        if self.cfg['compile']:    # (self.cfg: choose_settings replaced the dict)
+        if cfg['compile']:
             self.model = torch.compile(self.model)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -552,8 +552,8 @@ class Run:
                 cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
         if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
             cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
-        cfg, self.derived = fill_settings(cfg, self.data, prior, self.master)
-        self.cfg = cfg
+        filled, self.derived = fill_settings(cfg, self.data, prior, self.master)
+        cfg.update(filled)                # one config dict for the whole run
         if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
             cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
                        max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
