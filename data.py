@@ -985,7 +985,7 @@ def companion(k, n_items=N_ITEMS):
     return half + (7 * k + 3) % half
 
 
-def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
+def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, repeat=0.0, repeat_decay=0.8):
     """Simulated shop log: rows (user, epoch seconds, page) and the ground-truth segment of each user.
 
     Ground truth (what a model can learn, and why a GPT with context beats first-order Markov):
@@ -1007,7 +1007,17 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
     - Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes.
     Other shapes (the defaults give the built-in shop): n_items per category scales the catalogue
     (companions are items n/2..n-1, new arrivals the last quarter); session_scale scales each
-    segment's mean number of sessions (0.25: mostly one session per user, short histories)."""
+    segment's mean number of sessions (0.25: mostly one session per user, short histories).
+    repeat in [0, 1] makes a repeat-heavy log: with probability `repeat` the next event (a
+    session's first one included) revisits one of the user's own earlier page events instead of
+    following the rules above, drawn with recency weights repeat_decay**(age - 1) over all the user's
+    page events so far (age 1 = the newest: the current page, a reload; at a session's start, the
+    previous session's last page), so recent pages come back most; the session then goes on by the
+    ordinary rules from the page revisited.
+    The share of events that revisit a user's earlier pages rises with `repeat`; repeat=0 draws
+    nothing extra (the log is the one without the knob, event for event)."""
+    if not 0.0 <= repeat <= 1.0 or not 0.0 < repeat_decay < 1.0:
+        raise ValueError("simulate_site needs 0 <= repeat <= 1 and 0 < repeat_decay < 1")
     rng = np.random.default_rng(seed)
     def uniforms():  # scalar draws from a seeded stream, fast
         while True:
@@ -1015,6 +1025,16 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
     U = uniforms()
     cum = lambda w: (np.cumsum(w) / np.sum(w)).tolist()
     draw = lambda c: min(bisect(c, next(U)), len(c) - 1)  # index drawn with cumulative weights c
+    log_decay = math.log(repeat_decay)
+
+    def revisit(seen):
+        """One of seen (the user's page events so far, oldest first), the one `age` events back (1 = the
+        newest) drawn with weight repeat_decay**(age - 1): a truncated geometric age, by inverting its
+        CDF (1 - d**a) / (1 - d**n), so no weights are built per draw."""
+        n = len(seen)
+        age = math.ceil(math.log(1.0 - next(U) * (1.0 - repeat_decay ** n)) / log_decay)
+        return seen[n - min(max(age, 1), n)]
+
     newest = n_items - n_items // 4
     zipf_item, flat_item = cum(1 / np.arange(1, n_items + 1) ** 1.1), cum(1 / np.arange(1, n_items + 1) ** 0.5)
     seg_of = np.minimum(np.searchsorted(np.cumsum([s["share"] for s in SEGMENTS]), rng.random(n_users)),
@@ -1027,16 +1047,25 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
         seg = SEGMENTS[seg_of[u]]
         cats = cum([seg["likes"].get(c, .2) if seg["likes"] else 1 for c in CATEGORIES])
         land, home, acts = cum(seg["land"]), cum(seg["home"]), cum(seg["item"])
-        t = float(t_first[u])
+        t, seen = float(t_first[u]), []  # seen: the user's page events so far (only with repeat > 0)
         for _ in range(1 + rng.poisson(max(0.0, seg["sessions"] * session_scale - 1))):
-            page = [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)), hub("new-arrivals")][draw(land)]
+            if repeat > 0 and seen and next(U) < repeat:  # the session opens on a page visited before
+                page = revisit(seen)
+            else:
+                page = [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)),
+                        hub("new-arrivals")][draw(land)]
             hist = []
             while True:
                 hist.append(page)
                 rows.append((u, int(t), page[0]))
+                if repeat > 0:
+                    seen.append(page)
                 t += 5 + 115 * next(U) ** 2
                 if len(hist) >= 40 or next(U) < (.7 if page[0] == "purchase" else seg["p_end"]):
                     break
+                if repeat > 0 and next(U) < repeat:  # back to a page visited before (the current one too)
+                    page = revisit(seen)
+                    continue
                 name, c, k = page
                 prev = hist[-2] if len(hist) > 1 else hub(None)
                 if name == "home":
@@ -1074,11 +1103,12 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0):
     return rows, seg_of.astype(np.int64)
 
 
-def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0, split="page"):
-    """Simulate the shop, write data_dir/events.csv.gz (user,time,page), prepare it through the
-    ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
+def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITEMS, session_scale=1.0, split="page",
+                 repeat=0.0):
+    """Simulate the shop (repeat: see simulate_site), write data_dir/events.csv.gz (user,time,page), prepare it
+    through the ordinary event-log reader with 30-minute time-gap sessions, then write segments.npy (ground-truth
     segment per user index); all in one atomic build (see building). Returns meta."""
-    rows, segments = simulate_site(n_users, seed, n_items, session_scale)  # smaller copies for tests, other shapes
+    rows, segments = simulate_site(n_users, seed, n_items, session_scale, repeat)  # tests, other shapes
     order = sorted(range(len(rows)), key=lambda i: (rows[i][1], i))  # a real log: global time order
     lines = ["user,time,page"] + [f"u{rows[i][0]:05d},{rows[i][1]},{rows[i][2]}" for i in order]
     with building(data_dir) as folder:
@@ -1148,6 +1178,9 @@ def main(argv=None):
     p.add_argument("--n_users", type=int, default=5000, help="built-in dataset only: simulated users")
     p.add_argument("--n_items", type=int, default=N_ITEMS, help="built-in dataset only: items per category (8 categories)")
     p.add_argument("--session_scale", type=float, default=1.0, help="built-in dataset only: x mean sessions per user")
+    p.add_argument("--repeat", type=float, default=0.0,
+                   help="built-in dataset only: probability in [0, 1] that the next event revisits one of the user's "
+                        "earlier pages (recent ones most), for a repeat-heavy log; 0: the built-in shop")
     args = p.parse_args(argv)
     if args.builtin == bool(args.input):
         p.error("give an INPUT file or --builtin (one of them)")
@@ -1155,10 +1188,10 @@ def main(argv=None):
         p.error("--out_dir is required with an INPUT file")
     try:
         if args.builtin:
-            if args.n_users < 1 or args.n_items < 4 or not args.session_scale > 0:
-                raise DataError("--n_users >= 1, --n_items >= 4 and --session_scale > 0 are needed")
+            if args.n_users < 1 or args.n_items < 4 or not args.session_scale > 0 or not 0 <= args.repeat <= 1:
+                raise DataError("--n_users >= 1, --n_items >= 4, --session_scale > 0 and 0 <= --repeat <= 1 are needed")
             meta = make_builtin(args.out_dir or "data/builtin", args.seed, args.n_users, args.n_items, args.session_scale,
-                                args.split)
+                                args.split, args.repeat)
         else:
             sep = {"\\t": "\t", "tab": "\t"}.get(args.sep, args.sep)
             meta = prepare(args.input, args.out_dir, args.format, args.user_col, args.page_col, args.time_col,

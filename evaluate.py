@@ -8,7 +8,10 @@ Protocol (README, "Evaluation protocol"):
      tokens are never ranked; rank = number of pages scored strictly higher than the target;
   3. a target unseen in training is <unk>: a miss for every metric, its rate is reported;
   4. HR@1/5/10, NDCG@5/10, MRR, NLL (softmax over pages only), top-1 accuracy on anchor / tail targets;
-  5. most-popular and first-order Markov (with back-off to popularity) run in the same harness.
+  5. the simple baselines of baselines.py run in the same harness, fitted on training data only
+     (most-popular, first-order Markov, sequential rules, session-based kNN, the user's recent
+     pages); the model is compared with the best of them on validation, with a paired bootstrap
+     95% interval over users of the difference in NDCG@10 (paired_bootstrap).
 
   python evaluate.py --ckpt=out/stage1/best.pt                    # validation, model + baselines
   python evaluate.py --ckpt=out/stage1/best.pt --split=test       # report test once, at the end
@@ -27,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from baselines import popularity
 from configurator import Progress, compact_heap
 from data import eval_examples
 from model import resolve_device
@@ -90,7 +94,7 @@ def summarize(examples, anchor_ids, train_counts=None):
     mean = lambda x: float(np.mean(x)) if len(x) else math.nan
     m = {f"hr@{k}": mean(rank < k) for k in KS}
     for k in (5, 10):
-        m[f"ndcg@{k}"] = mean(np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0))
+        m[f"ndcg@{k}"] = mean(ndcg_at(rank, k))
     m["mrr"] = mean(1.0 / (rank + 1.0))                                  # full MRR; inf rank -> 0
     m["nll"] = mean(-logp[known])                                        # <unk> targets excluded
     m["acc_anchor"] = mean(hit[is_anchor])
@@ -109,6 +113,30 @@ def summarize(examples, anchor_ids, train_counts=None):
     m["unk"] = mean(~known)
     m["examples"] = examples
     return m
+
+def ndcg_at(rank, k=10):
+    """Per-example NDCG@k from 0-based ranks (inf for a miss): 1 / log2(rank + 2) inside the top k, else 0."""
+    rank = np.asarray(rank, dtype=np.float64)
+    return np.where(rank < k, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
+
+def paired_bootstrap(a, b, n_boot=1000, seed=0, level=0.95, chunk=1 << 22):
+    """Paired bootstrap over users of mean(a) - mean(b): a, b (n,) per-user scores of two methods on
+    the same users (one example per user). Users are resampled with replacement n_boot times, the
+    same resample for both methods, so what they share (easy and hard users) cancels. Returns
+    (difference, low, high): the observed difference and the percentile interval at `level`.
+    Draws are made in chunks of about `chunk` indices, so a million users need no n_boot x n table."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    rng, means = np.random.default_rng(seed), []
+    rows = max(1, chunk // n)                                            # resamples per draw
+    for i in range(0, n_boot, rows):
+        idx = rng.integers(0, n, size=(min(rows, n_boot - i), n))
+        means.append(d[idx].mean(axis=1))
+    means = np.concatenate(means)
+    tail = 100 * (1 - level) / 2
+    return float(d.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 def per_user_stats(examples):
     """HeTLM's alignment view: per-user mean, std and 10th percentile of NLL and HR@10 (users whose
@@ -234,73 +262,52 @@ def evaluate_model(model, data, split, block_size, device, batch_size=512, max_u
     return res if isinstance(logit_adjust, (list, tuple)) else res[taus[0]]
 
 # -----------------------------------------------------------------------------
-# baselines: most-popular and first-order Markov with back-off
-
-def train_transitions(data, eos=False):
-    """(prev, target) for every training target that is a page (or, eos=True, a page or <eos>, the
-    session task's targets); prev may be <bos>."""
-    n = len(data.tokens)
-    offsets, train_end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
-    delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(train_end, minlength=n + 1)
-    in_train = np.cumsum(delta[:n]) > 0                                  # (n_tokens,) +1 at starts, -1 at ends
-    in_train[offsets[:-1][offsets[:-1] < n]] = False                     # a region's first token has no prev
-    i = np.flatnonzero(in_train)
-    tokens = np.asarray(data.tokens)
-    nxt = tokens[i].astype(np.int64)
-    keep = (nxt >= N_SPECIAL) | (eos & (nxt == EOS))
-    return tokens[i[keep] - 1].astype(np.int64), nxt[keep]
-
-def popularity(data, nxt=None, eos=False):
-    """Add-one smoothed probability of each page (and, eos=True, of <eos>) among training targets;
-    0 for the other specials. (V,)"""
-    V = data.vocab_size
-    if nxt is None:
-        nxt = train_transitions(data, eos)[1]
-    p = np.bincount(nxt, minlength=V).astype(np.float64) + 1.0
-    p[[PAD, UNK, BOS] + ([] if eos else [EOS])] = 0.0
-    return p / p.sum()
-
-def bigram_logp(data, beta=1.0, eos=False):
-    """First-order Markov with back-off: fn(prevs (B,)) -> (B, V) log of
-    (c(prev, x) + beta * p_pop(x)) / (c(prev) + beta), x over pages (and <eos> when eos). The bigram
-    table is CSR over prev (sorted pair codes + np.unique), dense only for the prevs of a batch."""
-    V = data.vocab_size
-    prev, nxt = train_transitions(data, eos)
-    p_pop = popularity(data, nxt, eos)
-    codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
-    indptr = np.searchsorted(codes // V, np.arange(V + 1))               # row u = codes[indptr[u]:indptr[u+1]]
-    cols = torch.from_numpy(codes % V)
-    vals = torch.from_numpy(counts.astype(np.float32))
-    row_total = np.bincount(codes // V, weights=counts, minlength=V)     # c(prev), (V,)
-    beta_pop = torch.from_numpy(beta * p_pop).float()                    # (V,)
-
-    def logp(prevs):
-        uniq, inv = np.unique(prevs, return_inverse=True)                # (U,)
-        lens = indptr[uniq + 1] - indptr[uniq]
-        row = np.repeat(np.arange(len(uniq)), lens)                      # nnz of those rows only
-        at = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(indptr[uniq], lens)
-        dense = beta_pop.repeat(len(uniq), 1)                            # (U, V)
-        dense[torch.from_numpy(row), cols[at]] += vals[at]
-        dense /= torch.from_numpy(row_total[uniq] + beta).float().unsqueeze(1)
-        return dense.log()[torch.from_numpy(inv.reshape(-1))]            # (B, V)
-    return logp
-
-def markov_scorer(data, beta=1.0):
-    """The next page after each context's last token (bigram_logp over pages)."""
-    logp, tokens = bigram_logp(data, beta), data.tokens
-    return lambda users, ctx_start, ctx_end: logp(np.asarray(tokens[ctx_end - 1], dtype=np.int64))
-
-def popularity_scorer(data):
-    logp = torch.from_numpy(popularity(data)).float().log()[None]        # (1, V) -inf on specials
-    return lambda users, ctx_start, ctx_end: logp                        # one row shared by all
+# the simple baselines (baselines.py), and the model against the best of them
 
 def evaluate_baselines(data, split, max_users=None, seed=0, batch_scores=1 << 22):
-    """{"most-popular": metrics, "markov": metrics}. A baseline row costs nothing but its V scores,
-    so a batch holds ~batch_scores of them (MSNBC: 200k rows, 200k pages: 64 rows): per-batch
+    """{name: metrics} of every simple baseline (baselines.py: most-popular, Markov, SR, SKNN,
+    recency), their own settings chosen on validation. A baseline row costs nothing but its V
+    scores, so a batch holds ~batch_scores of them (MSNBC: 200k rows, 200k pages: 64 rows): per-batch
     overhead bounds small vocabularies, memory bounds large ones."""
-    batch_size = max(64, batch_scores // data.vocab_size)
-    scorers = {"most-popular": popularity_scorer(data), "markov": markov_scorer(data)}
-    return evaluate(data, split, scorers, batch_size, max_users, seed)
+    return Baselines(data, seed).evaluate(split, max_users, batch_scores)
+
+
+class Baselines:
+    """The simple baselines of a report, fitted on the training data once; what they choose on
+    validation (SKNN's neighbourhood size, recency's decay) is chosen once and kept for test."""
+
+    def __init__(self, data, seed=0):
+        self.data, self.seed, self.scorers = data, seed, None
+
+    def evaluate(self, split, max_users=None, batch_scores=1 << 22):
+        if self.scorers is None:
+            import baselines
+            self.scorers = baselines.strong_baselines(self.data, seed=self.seed)
+        batch_size = max(64, batch_scores // self.data.vocab_size)
+        return evaluate(self.data, split, self.scorers, batch_size, max_users, self.seed)
+
+    @staticmethod
+    def best(results, metric="ndcg@10"):
+        """The name of the best baseline in results (call it on validation, keep it for test)."""
+        return max(results, key=lambda name: results[name][metric])
+
+
+def compare(model, baseline, metric_k=10, seed=0, n_boot=1000):
+    """The model against a baseline on the same users: NDCG@k of each, their ratio, and the paired
+    bootstrap 95% interval of the difference (paired_bootstrap)."""
+    a, b = ndcg_at(model["examples"]["rank"], metric_k), ndcg_at(baseline["examples"]["rank"], metric_k)
+    diff, lo, hi = paired_bootstrap(a, b, n_boot, seed)
+    return {"model": float(a.mean()) if len(a) else math.nan, "baseline": float(b.mean()) if len(b) else math.nan,
+            "ratio": float(a.mean() / b.mean()) if len(a) and b.mean() > 0 else math.nan,
+            "diff": diff, "low": lo, "high": hi, "users": len(a), "resamples": n_boot}
+
+
+def gain_line(name, base, gain, chosen_on="validation"):
+    """One line: the model against the best baseline, with the interval and what it means."""
+    verdict = ("better" if gain["low"] > 0 else "worse" if gain["high"] < 0 else "no clear difference")
+    return (f"{name} vs {base} (the best baseline on {chosen_on}): NDCG@10 {gain['model']:.4f} vs {gain['baseline']:.4f} "
+            f"({gain['ratio']:.2f}x), difference {gain['diff']:+.4f}, 95% interval [{gain['low']:+.4f}, "
+            f"{gain['high']:+.4f}] (paired bootstrap over {gain['users']:,} users): {verdict}")
 
 # -----------------------------------------------------------------------------
 
@@ -359,8 +366,13 @@ def main(argv=None):
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
                                           args.batch_size, args.max_users or None, clusters=uc)
-    results.update(evaluate_baselines(data, args.split, args.max_users or None))
+    simple = Baselines(data, args.seed)
+    base = simple.evaluate(args.split, args.max_users or None)
+    results.update(base)
     print(format_table(results))
+    if not args.baselines_only:   # the model against the best baseline (chosen on validation), with error bars
+        best = Baselines.best(base if args.split == "val" else simple.evaluate("val", args.max_users or None))
+        print(gain_line("model", best, compare(results["model"], results[best], seed=args.seed)))
     if not args.baselines_only:   # HeTLM's view: the spread over users, overall and per parameter set
         stats = per_user_by_cluster(results["model"]["examples"], uc)
         print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")

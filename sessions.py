@@ -33,7 +33,7 @@ import torch
 
 from configurator import Progress
 from data import DataError
-from evaluate import bigram_logp, popularity
+from baselines import bigram_logp, popularity
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
@@ -211,7 +211,7 @@ def pick_set(nll):
 
 
 def markov_logp(data, beta=1.0):
-    """First-order Markov over pages and <eos> (evaluate.bigram_logp), on each context's last token."""
+    """First-order Markov over pages and <eos> (baselines.bigram_logp), on each context's last token."""
     bigram = bigram_logp(data, beta, eos=True)
     logp = lambda contexts, rows=None, n_last=1: bigram(np.array([c[-1] for c in contexts], dtype=np.int64)).unsqueeze(1)
     logp.rows_per_pass = lambda T, n_last=1: max(1, ROW_LOGITS // data.vocab_size)

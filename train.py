@@ -49,7 +49,8 @@ from configurator import ConfigError, Progress, run_main
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
-from evaluate import evaluate_model, evaluate_baselines, format_table, per_user_stats, COLUMNS
+from evaluate import Baselines, compare, evaluate_model, format_table, gain_line, per_user_stats, ndcg_at, COLUMNS
+import search as settings_search
 from sessions import mean_session_nll
 
 # -----------------------------------------------------------------------------
@@ -72,6 +73,9 @@ best_metric = 'auto'           # validation metric that picks best.pt ('nll' low
 always_save_checkpoint = True  # write ckpt.pt at every eval, not only when best improves
 overwrite = False              # a new run may replace the checkpoints of another run in out_dir
 final_eval = True              # score best.pt on val and test at the end (tables, results.json)
+search = True                  # stage 1: where the time budget has room, try a few settings the rules
+                               #   cannot know (dropout; a longer context for long histories) by successive
+                               #   halving on validation and train the best on (search.py); explicit ones win
 # Settings marked "data" are derived from the prepared dataset when left at 0 (-1 where 0 is a
 # real value) by the rules in recipe.py, printed at start with their reasons and stored in the
 # checkpoint; a value set here, on the command line or in a config file is used as given.
@@ -451,8 +455,11 @@ def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns the final report's results (the first
     process, with final_eval on; None otherwise)."""
-    run = Run(cfg)
-    stop = run.fit()
+    if settings_search.applies(cfg):   # stage 1 with room in the budget: settings chosen on validation
+        run, stop = settings_search.run(cfg, Run)
+    else:
+        run = Run(cfg)
+        stop = run.fit()
     return run.finish(stop)
 
 
@@ -601,6 +608,8 @@ class Run:
     def restore(self, ckpt):
         """The loop's state: fresh, or the checkpoint's (resume: weights, optimizer, RNG, best so far)."""
         self.iter_num, self.best_val, self.best_metrics, self.best_iter, self.elapsed_before = 0, None, {}, 0, 0.0
+        self.best_users = None        # per-user best_metric at the best validation (search.py compares runs)
+        self.search = None            # the settings search this run won (search.py), stored in checkpoints
         # early stopping looks at two things: best_metric, and validation NLL, which is far less noisy
         # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
         # evaluations of the same model); a run stops only when neither improved for `patience` of them
@@ -614,6 +623,7 @@ class Run:
         self.best_iter, self.elapsed_before = ckpt.get('best_iter', self.iter_num), ckpt.get('elapsed', 0.0)
         self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
         self.cool = ckpt.get('cooldown')
+        self.best_users, self.search = ckpt.get('best_users'), ckpt.get('search')
         torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
         if self.master:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
@@ -732,7 +742,7 @@ class Run:
             'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
             'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
             'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
-            'config': dict(self.cfg), 'derived': self.derived,
+            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'best_users': self.best_users,
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
             'clusters': None if uc is None else torch.from_numpy(uc),
@@ -754,6 +764,7 @@ class Run:
         if improved:
             self.best_val, self.best_iter = value, self.iter_num
             self.best_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.best_users = per_user_scores(metrics, cfg['best_metric'])
         nll = metrics.get('session_nll', metrics['nll'])
         if improved or nll < self.progress['nll'] - 1e-4:     # (a change in the 5th digit is not progress)
             self.progress.update(nll=min(self.progress['nll'], nll), iter=self.iter_num)
@@ -821,10 +832,12 @@ class Run:
         return None
 
     # --- the loop ---------------------------------------------------------------------------------
-    def fit(self):
+    def fit(self, pause_at=None):
         """Train until max_iters, early stopping or the time budget; returns why it stopped early
-        (None: it ran its iterations)."""
+        (None: it ran its iterations). pause_at (a multiple of eval_interval): return None at that
+        iteration, validated and saved, with the run's clock stopped; fit() again goes on (search.py)."""
         cfg = self.cfg
+        self.t_start = time.time()                       # the clock runs while this run trains
         self.eval_secs, step_secs, stop = [], [], None   # validation and step times: the budget plans with them
         self.deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # seconds of elapsed()
         warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
@@ -834,7 +847,7 @@ class Run:
                         disable=not self.master or None, dynamic_ncols=True)
         self.model.train()
         self.reset_meters()
-        while self.iter_num < cfg['max_iters'] and stop is None:
+        while self.iter_num < cfg['max_iters'] and stop is None and self.iter_num != pause_at:
             t_step = time.time()
             lr = self.step()
             self.iter_num += 1
@@ -856,6 +869,9 @@ class Run:
                 if self.iter_num % cfg['eval_interval'] != 0:
                     self.validate_and_save()
         self.bar.close()
+        if stop is None and self.iter_num == pause_at and self.iter_num % cfg['eval_interval'] != 0:
+            self.validate_and_save()                    # a pause is always validated and saved
+        self.elapsed_before, self.t_start = self.elapsed(), time.time()   # the clock stops between fits
         return stop
 
     def finish(self, stop):
@@ -869,12 +885,25 @@ class Run:
                       f"{cfg['best_metric']} ({self.best_val:.4f}), so best.pt is stage 1's weights; a lower "
                       f"--stage2_learning_rate, --kl_weight > 0 or --prior_keep=1 change less of it")
             if cfg['final_eval']:
-                results = final_report(self.best_path, self.data, cfg, self.dev, self.stage_dir)
+                results = final_report(self.best_path, self.data, cfg, self.dev, self.stage_dir, self.search)
         if self.ddp:
             torch.distributed.barrier()
             from torch.distributed import destroy_process_group
             destroy_process_group()
         return results
+
+
+def per_user_scores(metrics, metric):
+    """Per-user values of a validation metric that is a mean over users (NDCG, HR, MRR), as a list
+    (users in a fixed order); None for the others. The search compares runs user by user with them."""
+    rank = metrics['examples']['rank']
+    if metric.startswith('ndcg@'):
+        return ndcg_at(rank, int(metric[5:])).round(6).tolist()
+    if metric.startswith('hr@'):
+        return (rank < int(metric[3:])).astype(float).tolist()
+    if metric == 'mrr':
+        return (1.0 / (rank + 1.0)).round(6).tolist()
+    return None
 
 
 def wants_cooldown(cfg, best_iter):
@@ -957,9 +986,10 @@ def fmt_time(sec):
     return f"{sec // 60}m{sec % 60:02d}s" if sec >= 60 else f"{sec}s"
 
 
-def final_report(best_path, data, cfg, dev, stage_dir):
+def final_report(best_path, data, cfg, dev, stage_dir, search=None):
     """Evaluate best.pt once on validation and test, next to the baselines and to post-hoc logit
-    adjustment of the same model (its tau chosen on validation), and print the tables."""
+    adjustment of the same model (its tau chosen on validation), and print the tables; then the
+    model against the best baseline (chosen on validation) with a paired bootstrap interval."""
     model, ckpt = load_checkpoint(best_path, dev)
     block = ckpt['model_args']['block_size']
     uc = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
@@ -970,14 +1000,21 @@ def final_report(best_path, data, cfg, dev, stage_dir):
                         logit_adjust=taus, clusters=uc)
     tau = max(taus, key=lambda t: la[t]['hmean'])
     results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path, 'logit_adjust_tau': tau}
+    if search:
+        results['search'] = search
+    baselines, best_base = Baselines(data, cfg['seed']), None
     for split in ('val', 'test'):
         m = evaluate_model(model, data, split, block, dev, logit_adjust=[0.0, tau], clusters=uc)
         rows = {'gpt (best.pt)': m[0.0], f'gpt + logit adj. {tau}': m[tau]}
-        rows.update(evaluate_baselines(data, split))
+        base = baselines.evaluate(split)
+        rows.update(base)
+        best_base = best_base or baselines.best(base)           # chosen on validation, kept for test
         print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
               f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
         print(format_table(rows))
         m = rows['gpt (best.pt)']
+        gain = compare(m, rows[best_base], seed=cfg['seed'])
+        print(gain_line('gpt', best_base, gain, 'validation'))
         u = per_user_stats(m['examples'])
         print(f"gpt per user: NLL mean {u['nll_mean']:.4f} std {u['nll_std']:.4f} p90 {u['nll_p90']:.4f}; "
               f"HR@10 mean {u['hr@10_mean']:.4f} std {u['hr@10_std']:.4f} p10 {u['hr@10_p10']:.4f}")
@@ -985,6 +1022,7 @@ def final_report(best_path, data, cfg, dev, stage_dir):
               f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
               f"{fewshot(m, 5)} / {fewshot(m, 20)}")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
+        results[split]['vs_best_baseline'] = dict(gain, baseline=best_base)
     if data.split == 'session':   # HeTLM's task: the held-out test session, scored and generated per user
         import sessions
         methods = {'gpt (best.pt)': sessions.model_logp(model, dev, uc), 'markov': sessions.markov_logp(data),

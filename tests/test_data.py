@@ -346,3 +346,39 @@ def test_found_columns_edge_cases(tmp_path):
     inter = "user_id:token\titem_id:token\ttimestamp:float\nu1\tb\t2\nu1\ta\t1\nu1\tc\t3\n"
     assert streams(run(tmp_path, "t.inter", inter, time_col=""))["u1"][1] == "b"
     assert streams(run(tmp_path, "t2.inter", inter))["u1"][1] == "a"
+
+
+def test_simulator_repeat_knob(tmp_path):
+    """repeat=R: the next event revisits one of the user's earlier pages with probability R (recent ones
+    most), so the share of revisits rises with R; repeat=0 draws nothing extra (the log is unchanged)."""
+    import hashlib
+
+    def revisit_share(rows):
+        seen, hits = set(), 0
+        for u, _, page in rows:
+            hits += (u, page) in seen
+            seen.add((u, page))
+        return hits / len(rows)
+
+    # repeat=0 is the log from before the knob existed, event for event (digest of the original generator)
+    rows, seg = data.simulate_site(n_users=60, seed=11, repeat=0.0)
+    assert len(rows) == 1739 and hashlib.sha256(repr(rows).encode()).hexdigest()[:16] == "53e314482297040f"
+    assert rows == data.simulate_site(n_users=60, seed=11)[0]
+    base = revisit_share(data.simulate_site(n_users=300, seed=7)[0])
+    heavy, _ = data.simulate_site(n_users=300, seed=7, repeat=0.8)
+    assert revisit_share(heavy) > base + 0.25 and heavy == data.simulate_site(n_users=300, seed=7, repeat=0.8)[0]
+    # repeat=1: after a user's first page every event is a page of their own history, recent ones most
+    every, _ = data.simulate_site(n_users=100, seed=3, repeat=1.0)
+    by_user = {}
+    for u, _, page in every:
+        by_user.setdefault(u, []).append(page)
+    assert all(p in h[:i] for h in by_user.values() for i, p in enumerate(h) if i > 0)
+    back = [next(k for k in range(1, i + 1) if h[i - k] == p) for h in by_user.values() for i, p in enumerate(h) if i > 0]
+    assert np.mean(np.array(back) <= 3) > 0.6  # the most recent pages come back most
+    with pytest.raises(ValueError):
+        data.simulate_site(n_users=5, repeat=1.5)
+    # through make_builtin and the command line, measured as the recipe measures it
+    from recipe import data_stats
+    data.main(["--builtin", "--n_users=200", "--repeat=0.8", f"--out_dir={tmp_path / 'rep'}"])
+    data.make_builtin(str(tmp_path / "plain"), n_users=200)
+    assert data_stats(load_data(str(tmp_path / "rep")))["repeat_rate"] > data_stats(load_data(str(tmp_path / "plain")))["repeat_rate"] + 0.2

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import baselines as bl
 import evaluate as ev
 
 B_, E_ = 2, 3  # <bos>, <eos>
@@ -110,11 +111,11 @@ HAND = [[[4, 5, 6], [4, 5]],        # B 4 5 6 E B 4 5 E : val 4, test 5; train B
 
 def test_popularity_and_markov_counts_and_backoff():
     data = fake_data(HAND, vocab_size=8)
-    prev, nxt = ev.train_transitions(data)
+    prev, nxt = bl.train_transitions(data)
     assert sorted(zip(prev.tolist(), nxt.tolist())) == sorted([(2, 4), (4, 5), (5, 6), (2, 5), (5, 6), (2, 4), (4, 6)])
-    pop = ev.popularity(data)                                       # counts 4:2 5:2 6:3 7:0, add-one
+    pop = bl.popularity(data)                                       # counts 4:2 5:2 6:3 7:0, add-one
     assert np.allclose(pop, [0, 0, 0, 0, 3 / 11, 3 / 11, 4 / 11, 1 / 11])
-    score = ev.markov_scorer(data, beta=1.0)
+    score = bl.markov_scorer(data, beta=1.0)
     # prev = <bos>: c(B,4)=2, c(B,5)=1, c(B)=3
     p = score(np.array([0]), np.array([0]), np.array([1])).exp()[0]       # context = [<bos>]
     assert p[4].item() == pytest.approx((2 + 3 / 11) / 4) and p[7].item() == pytest.approx((1 / 11) / 4)
@@ -133,7 +134,7 @@ def test_popularity_and_markov_counts_and_backoff():
 def test_markov_sparse_with_vocab_over_65535():
     V = 70_000
     data = fake_data([[[69_999, 4, 69_999, 5]], [[69_999, 4, 6]]], vocab_size=V)
-    score = ev.markov_scorer(data)
+    score = bl.markov_scorer(data)
     s = score(np.array([0]), np.array([0]), np.array([2]))          # prev = 69_999: train has 69_999 -> 4 once
     assert s.shape == (1, V) and int(s[0, 4:].argmax()) + 4 == 4
     # user 0 val: prev 4 unseen -> popularity (69_999 twice) -> hit; user 1 val: 69_999 -> 4 -> hit
@@ -147,7 +148,7 @@ def test_eval_set_subset_is_fixed_and_evaluate_restores_user_order():
     a = ev.eval_set(data, "val", max_users=10, seed=3)[0]
     assert len(a) == 10 and np.array_equal(a, ev.eval_set(data, "val", max_users=10, seed=3)[0])
     assert set(a) <= set(users)
-    scorers = {"markov": ev.markov_scorer(data)}
+    scorers = {"markov": bl.markov_scorer(data)}
     ex = ev.evaluate(data, "test", scorers, batch_size=3)["markov"]["examples"]   # many batches, sorted
     assert np.array_equal(ex["user"], ev.eval_set(data, "test")[0])
     assert np.array_equal(ex["target"], data.tokens[data.test_pos[ex["user"]]].astype(np.int64))
@@ -267,7 +268,32 @@ def test_counts_agree_with_prepared_tokenizer(tmp_path):
     data_mod.prepare(str(src), str(tmp_path / "d"), fmt="pairs")
     data = data_mod.load_data(str(tmp_path / "d"))
     counts = np.asarray(data.tokenizer.counts, dtype=np.float64)
-    _, nxt = ev.train_transitions(data)
+    _, nxt = bl.train_transitions(data)
     assert np.array_equal(np.bincount(nxt, minlength=data.vocab_size)[4:], counts[4:])
     users, cs, ce, tg = ev.eval_set(data, "test")
     assert all(np.array_equal(x, y) for x, y in zip((users, cs, ce, tg), data_mod.eval_examples(data, "test")))
+
+
+def test_paired_bootstrap_against_brute_force():
+    """The interval of the paired bootstrap against every one of the n^n equally likely resamples."""
+    import itertools
+    a, b = np.array([0.9, 0.2, 0.5, 1.0, 0.0]), np.array([0.3, 0.4, 0.5, 0.0, 0.1])
+    d = a - b
+    exact = np.array([d[list(idx)].mean() for idx in itertools.product(range(5), repeat=5)])  # 3,125 resamples
+    diff, lo, hi = ev.paired_bootstrap(a, b, n_boot=100_000, seed=3)
+    assert diff == pytest.approx(d.mean())
+    assert lo == pytest.approx(np.percentile(exact, 2.5), abs=0.02)
+    assert hi == pytest.approx(np.percentile(exact, 97.5), abs=0.02)
+    # the same resample for both methods: a constant shift has no spread at all
+    assert ev.paired_bootstrap(a + 0.1, a, n_boot=200)[1:] == pytest.approx((0.1, 0.1))
+    # chunked draws give the same interval as one big draw (same generator stream, rows in order)
+    assert ev.paired_bootstrap(a, b, 500, seed=1, chunk=7) == ev.paired_bootstrap(a, b, 500, seed=1)
+
+
+def test_compare_reports_ratio_and_interval():
+    rank_model, rank_base = np.array([0.0, 1.0, 20.0, 0.0]), np.array([3.0, 1.0, 0.0, np.inf])
+    g = ev.compare({"examples": {"rank": rank_model}}, {"examples": {"rank": rank_base}}, n_boot=200)
+    a, b = ev.ndcg_at(rank_model), ev.ndcg_at(rank_base)
+    assert g["model"] == pytest.approx(a.mean()) and g["ratio"] == pytest.approx(a.mean() / b.mean())
+    assert g["low"] <= g["diff"] <= g["high"] and g["users"] == 4
+    assert "no clear difference" in ev.gain_line("gpt", "markov", g)
