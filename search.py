@@ -18,10 +18,11 @@ room, stage 1 trains a few candidates and keeps the one that validates best:
               candidates are compared on the schedule they would be trained on, nothing is trained
               twice, and there is no model of the response surface to fit (a handful of candidates).
   budget      the rules' candidate trains first, in the run's own folder, to 1/8 of its
-              iterations; its speed then tells what the run costs alone (C). The search may spend
-              what the budget leaves beside C, and at most C (a run takes at most twice as long as
-              without it): b is the largest of 1/2, 1/4, 1/8 of the schedule whose losing candidates
-              fit in that. Where nothing fits (a log that fills the budget with one run), the rules'
+              iterations; its speed then tells what the run costs alone (C). The losing candidates
+              may spend what the budget leaves beside C, and at most 2C (a run takes at most three
+              times as long as without a search, and never longer than the budget): b is the
+              largest of 1/2, 1/4, 1/8 of the schedule whose losers fit in that (3 candidates: b is
+              half the schedule wherever the budget allows; 6 candidates: a quarter, then 3/4). Where nothing fits (a log that fills the budget with one run), the rules'
               candidate trains on as the run: the rules alone, and no time was lost.
   selection   by the run's best_metric at each candidate's best validation so far (the same
               validation users for all). The best of several noisy validations is optimistic, and on
@@ -98,9 +99,9 @@ def aligned(x, eval_interval):
 
 def plan(n, max_iters, eval_interval, sec_per_iter, budget_sec):
     """Rung 0's iteration b, or None where no rung fits: the losers' time at most what the budget
-    leaves beside the run alone (cost = max_iters * sec_per_iter) and at most that cost again."""
+    leaves beside the run alone (cost = max_iters * sec_per_iter) and at most twice that cost."""
     cost = max_iters * sec_per_iter
-    room = min(cost, budget_sec - cost) if budget_sec > 0 else cost
+    room = min(2 * cost, budget_sec - cost) if budget_sec > 0 else 2 * cost
     for f in LADDER:
         b = aligned(f * max_iters, eval_interval)
         if b < max_iters and loser_iters(n, b, max_iters) * sec_per_iter <= room:

@@ -92,8 +92,9 @@ def test_explicit_settings_are_not_searched(small_data):
 
 
 def test_the_plan_fits_the_budget():
-    # 3 candidates, 1,000 iterations of 0.1 s (100 s alone): the losers may take 100 s at most
-    assert search.plan(3, 1000, 50, 0.1, 0) == 500                 # no budget: at most the run's cost again
+    # 3 candidates, 1,000 iterations of 0.1 s (100 s alone): the losers may take 200 s at most
+    assert search.plan(3, 1000, 50, 0.1, 0) == 500                 # no budget: at most twice the run's cost
+    assert search.plan(6, 1000, 50, 0.1, 0) == 250                 # 4 x 250 + 750 = 1,750 iterations: 175 s
     assert search.plan(3, 1000, 50, 0.1, 600) == 500
     assert search.plan(3, 1000, 50, 0.1, 160) == 250               # 60 s of room: 2 losers x 250 x 0.1 = 50 s
     assert search.plan(3, 1000, 50, 0.1, 110) is None              # no room: the rules alone
