@@ -295,6 +295,8 @@ class Baselines:
 def compare(model, baseline, metric_k=10, seed=0, n_boot=1000):
     """The model against a baseline on the same users: NDCG@k of each, their ratio, and the paired
     bootstrap 95% interval of the difference (paired_bootstrap)."""
+    if "user" in model["examples"] and not np.array_equal(model["examples"]["user"], baseline["examples"]["user"]):
+        raise ValueError("compare: the model and the baseline were scored on different users")
     a, b = ndcg_at(model["examples"]["rank"], metric_k), ndcg_at(baseline["examples"]["rank"], metric_k)
     diff, lo, hi = paired_bootstrap(a, b, n_boot, seed)
     return {"model": float(a.mean()) if len(a) else math.nan, "baseline": float(b.mean()) if len(b) else math.nan,
@@ -330,7 +332,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--max_users", type=int, default=0)          # 0 = every evaluable user
     p.add_argument("--device", default="auto")
-    p.add_argument("--baselines_only", action="store_true")     # most-popular and Markov, no model
+    p.add_argument("--baselines_only", action="store_true")     # the simple baselines (baselines.py), no model
     # the session task (sessions.py), on a dataset prepared with --split=session
     p.add_argument("--task", default="auto", choices=["auto", "page", "session"])  # auto: session too on such data
     p.add_argument("--outcome", default="")                     # a page, e.g. purchase: P(the session holds it)
@@ -365,7 +367,7 @@ def main(argv=None):
     if not args.baselines_only:
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
-                                          args.batch_size, args.max_users or None, clusters=uc)
+                                          args.batch_size, args.max_users or None, args.seed, clusters=uc)
     simple = Baselines(data, args.seed)
     base = simple.evaluate(args.split, args.max_users or None)
     results.update(base)

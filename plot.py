@@ -87,13 +87,14 @@ def plot_curves(plt, log, path):
 def score(ckpt_path, split, dev):
     """(metrics with per-example arrays, clusters or None, data) of a checkpoint on a split."""
     from data import load_data
-    from evaluate import evaluate_model, evaluate_baselines
+    from baselines import markov_scorer
+    from evaluate import evaluate, evaluate_model
     from model import load_checkpoint
     model, ck = load_checkpoint(ckpt_path, dev)
     data = load_data(ck['config']['data_dir'])
     uc = None if ck.get('clusters') is None else ck['clusters'].numpy()
     m = evaluate_model(model, data, split, model.config.block_size, dev, clusters=uc)
-    return m, uc, data, evaluate_baselines(data, split)['markov']
+    return m, uc, data, evaluate(data, split, {'markov': markov_scorer(data)})['markov']
 
 
 def plot_per_user(plt, m, uc, path, split):

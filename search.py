@@ -26,20 +26,29 @@ room, stage 1 trains a few candidates and keeps the one that validates best:
               candidate trains on as the run: the rules alone, and no time was lost.
   selection   by the run's best_metric at each candidate's best validation so far (the same
               validation users for all). The best of several noisy validations is optimistic, and on
-              a small log most of a gap between candidates is noise, so a candidate replaces the
-              rules' settings only where its per-user gain over them exceeds one standard error
-              (the one-standard-error rule); the test split is never looked at.
+              a small log most of a gap between candidates is noise, so at the last rung a
+              candidate replaces the rules' settings only where its per-user gain over them exceeds
+              one standard error, widened for the number of challengers (one_se_winner); the test
+              split is never looked at. A candidate that could not fit in the budget, or whose
+              loss diverged, loses.
 
 Every candidate, its iterations and validation score are printed, written to search.json in the
-stage folder (a killed run resumes the search from there: `--init_from=resume`) and stored in the
-checkpoints. --search=False turns it off; a setting given explicitly is never searched.
+stage folder (a killed run resumes the search from there: `--init_from=resume`), stored in the
+run's ckpt.pt and in results.json. The candidates' folders are stage1/search/c1, c2, ... (c1: the
+rules' settings; their best.pt stay, their optimizer states go). --search=False turns it off; a
+setting given explicitly is never searched. A seed reproduces a search wherever the rules'
+candidate runs at about the same speed (the plan reads its speed only to pick b from the ladder;
+with --time_budget=0 it does not read it at all).
 """
 import json
 import math
 import os
+import shutil
+from statistics import NormalDist
 
 import numpy as np
 
+from configurator import ConfigError
 from recipe import AUTO, data_stats, derive
 
 ETA = 3                        # successive halving keeps the best third at each rung
@@ -51,7 +60,7 @@ def applies(cfg):
     """A search runs in stage 1, from scratch or resuming one, on one process, when asked
     (search=True) and some searched setting is left "from the data"."""
     return (cfg.get('search', False) and cfg['stage'] == 1 and cfg['init_from'] in ('scratch', 'resume')
-            and int(os.environ.get('WORLD_SIZE', 1)) == 1
+            and 'RANK' not in os.environ                  # not under torchrun: one process trains the candidates
             and (cfg['dropout'] == AUTO['dropout'] or cfg['block_size'] == AUTO['block_size']))
 
 
@@ -109,46 +118,65 @@ def plan(n, max_iters, eval_interval, sec_per_iter, budget_sec):
     return None
 
 
-def one_se_winner(scores, users, metric_lower_is_better, default=0):
+def one_se_winner(scores, users, lower_is_better, default=0):
     """The index with the best score, except that the default (the rules' settings) stays unless the
-    best beats it by more than one standard error of their per-user difference (where per-user
-    values exist). Returns (index, reason)."""
-    order = sorted(scores, key=lambda i: scores[i], reverse=not metric_lower_is_better)
+    best beats it, user by user, by more than z standard errors of the mean difference, z the
+    one-sided 84% point (one standard error) corrected for the number of challengers (Bonferroni:
+    the best of m noisy challengers is optimistic). Users without a value (NaN) are left out.
+    Returns (index, reason)."""
+    order = sorted(scores, key=lambda i: scores[i], reverse=not lower_is_better)
     best = order[0]
     if best == default or default not in scores:
         return best, "best validation"
     a, b = users.get(best), users.get(default)
     if a is None or b is None or len(a) != len(b):
         return best, "best validation (no per-user scores to compare)"
-    d = np.asarray(a) - np.asarray(b)
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[np.isfinite(d)] * (-1 if lower_is_better else 1)            # > 0: the challenger is better
+    z = NormalDist().inv_cdf(1 - 0.1587 / max(1, len(scores) - 1))     # 1.0 for one challenger
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
-    if d.mean() > se:
-        return best, f"beats the rules' settings by {d.mean():+.4f} > one standard error ({se:.4f})"
-    return default, (f"the best candidate's gain over the rules' settings ({d.mean():+.4f}) is within one "
-                     f"standard error ({se:.4f}): kept the rules' settings")
+    if d.mean() > z * se:
+        return best, f"beats the rules' settings by {d.mean():.4f} per user > {z:.2f} standard errors ({se:.4f})"
+    return default, (f"the best candidate's gain over the rules' settings ({d.mean():+.4f} per user) is within "
+                     f"{z:.2f} standard errors ({se:.4f}): kept the rules' settings")
+
+
+def read_state(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or state.get('phase') not in ('probe', 'search', 'swap', 'final'):
+            raise ValueError('not a search state')
+        return state
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable settings search ({e}); start afresh with --overwrite=True") from None
 
 
 def write_state(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the settings search ({e})") from None
 
 
 def record(trial, run, stop):
     """What the search keeps of a candidate after it trained: iterations, best validation, time."""
+    done = run.iter_num >= run.cfg['max_iters']
     trial.update(iters=run.iter_num, best=run.best_val, best_iter=run.best_iter, elapsed=round(run.elapsed(), 1),
-                 finished=trial.get('finished') or stop or (run.iter_num >= run.cfg['max_iters'] and 'done') or None)
+                 finished=trial.get('finished') or stop or ('done' if done else None))
 
 
 def summary(state):
-    """The search in a few lines (printed at its end and in the final report)."""
+    """The search in a few lines (printed at its end; stored in search.json and the checkpoints)."""
     lines = [f"settings search (successive halving, rung 0 at iteration {state['b']:,} of {state['max_iters']:,}; "
              f"{state['metric']} on validation):"]
     for i, t in enumerate(state['trials']):
-        mark = " <- chosen" if i == state.get('winner') else ("" if t['alive'] else " (stopped)")
+        mark = " <- chosen" if i == state.get('winner') else ("" if t['alive'] else f" ({t.get('why', 'stopped')})")
         best = 'n/a' if t['best'] is None else f"{t['best']:.4f}"
-        lines.append(f"  {i}: {t['name']:<28} {best} at iteration {t['best_iter']:,} of {t['iters']:,} trained, "
+        lines.append(f"  {i + 1}. {t['name']:<28} {best} at iteration {t['best_iter']:,} of {t['iters']:,} trained, "
                      f"{t['elapsed']:.0f} s{mark}")
     if state.get('why'):
         lines.append(f"  chosen: {state['why']}")
@@ -156,99 +184,122 @@ def summary(state):
 
 
 def run(cfg, Run):
-    """Stage 1 with the search; returns (the run, why it stopped) for Run.finish. Run: train.Run."""
+    """Stage 1 with the search; returns (the run, why it stopped) for Run.finish. Run: train.Run.
+    The search goes through phases recorded in search.json, so a kill at any point resumes:
+    probe (the rules' candidate, in the run's folder, to 1/8 of its schedule), search (the rungs),
+    swap (the winner's files move into the run's folder), final (the winner trains on as the run)."""
     stage_dir = os.path.join(cfg['out_dir'], 'stage1')
-    path = os.path.join(stage_dir, 'search.json')
+    path, trials_dir = os.path.join(stage_dir, 'search.json'), os.path.join(stage_dir, 'search')
     resume = cfg['init_from'] == 'resume'
-    state = None
-    if resume and os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            state = json.load(f)
-    if resume and (state is None or state['phase'] == 'final'):   # a run without a search, or its winner
+    state = read_state(path) if resume and os.path.isfile(path) else None
+    if state is not None and state['phase'] == 'swap':              # killed while the files moved
+        swap(state['winner'], stage_dir, trials_dir)
+        state['phase'] = 'final'
+        write_state(path, state)
+    if resume and (state is None or state['phase'] == 'final'):     # a run without a search, or its winner
         r = Run(dict(cfg, time_budget=time_left(cfg, state)))
         return r, (state or {}).get('stopped') or r.fit()
-    if not resume and os.path.isfile(path) and cfg['overwrite']:
-        os.remove(path)                                  # the old run's search: written by this module
-    first = Run(cfg)                                     # the rules' candidate, in the run's own folder
+    first = Run(cfg)                      # the rules' candidate, in the run's own folder (claimed here)
+    if state is None and os.path.isfile(path):   # a new run: the last search (ours: search.json says so) goes
+        os.remove(path)
+        shutil.rmtree(trials_dir, ignore_errors=True)
     cands = candidates(cfg, data_stats(first.data))
-    lower = first.cfg['best_metric'] in ('nll', 'session_nll')
     if len(cands) == 1:
         return first, first.fit()
+    lower = first.cfg['best_metric'] in ('nll', 'session_nll')
     if state is None:
-        n_iters, ei = first.cfg['max_iters'], first.cfg['eval_interval']
-        b0 = aligned(LADDER[-1] * n_iters, ei)
+        state = {'phase': 'probe', 'max_iters': first.cfg['max_iters'], 'metric': first.cfg['best_metric'],
+                 'dtype': first.cfg['dtype'], 'seed': cfg['seed'], 'b': 0,
+                 'trials': [{'name': n, 'settings': s, 'alive': True, 'iters': 0, 'best': None, 'best_iter': 0,
+                             'elapsed': 0.0, 'finished': None} for n, s in cands]}
+        write_state(path, state)
+    elif [t['name'] for t in state['trials']] != [n for n, _ in cands]:
+        raise ConfigError(f"{path}: the search was started with other settings ({'; '.join(t['name'] for t in state['trials'])}); "
+                          "resume it with the same flags, or start afresh with --overwrite=True")
+    trials, n_iters = state['trials'], state['max_iters']
+    if state['phase'] == 'probe':
+        b0 = aligned(LADDER[-1] * n_iters, first.cfg['eval_interval'])
         print(f"search: {len(cands)} candidates ({'; '.join(n for n, _ in cands)}); the rules' settings train "
               f"first to iteration {b0:,}, then their speed says whether the budget has room for the others")
         stop = first.fit(pause_at=b0)
-        budget = cfg['time_budget'] * 60
-        b = None if first.cfg['max_iters'] < n_iters else plan(len(cands), n_iters, ei, first.elapsed() / max(1, first.iter_num), budget)
+        record(trials[0], first, stop)
+        sec = first.elapsed() / max(1, first.iter_num)
+        fits = first.cfg['max_iters'] >= n_iters      # the time budget did not shorten the plan
+        b = plan(len(cands), n_iters, first.cfg['eval_interval'], sec, cfg['time_budget'] * 60) if fits else None
         if b is None:
             print(f"search: no room in the time budget for other candidates (the run alone takes about "
-                  f"{n_iters * first.elapsed() / max(1, first.iter_num) / 60:.1f} min): the rules' settings train on")
+                  f"{n_iters * sec / 60:.1f} min): the rules' settings train on")
+            os.remove(path)                              # nothing was searched: a plain run from here on
             return first, stop or first.fit()
-        state = {'phase': 'search', 'b': b, 'max_iters': n_iters, 'metric': first.cfg['best_metric'],
-                 'dtype': first.cfg['dtype'], 'seed': cfg['seed'],
-                 'trials': [{'name': n, 'settings': s, 'alive': True, 'iters': 0, 'best': None, 'best_iter': 0,
-                             'elapsed': 0.0, 'finished': stop if i == 0 else None}
-                            for i, (n, s) in enumerate(cands)]}
-        record(state['trials'][0], first, stop)
+        state.update(phase='search', b=b, sec_per_iter=sec)
         write_state(path, state)
         print(f"search: rung 0 at iteration {b:,} of {n_iters:,}, then the best third on to {ETA}x that")
     runs, users = {0: first}, {}
 
     def trial_run(i):
         if i not in runs:
-            t = state['trials'][i]
-            folder = os.path.join(stage_dir, 'search', f"c{i}")
+            folder = os.path.join(trials_dir, f"c{i + 1}")   # ours: a new run removes the last search's
             has = os.path.isfile(os.path.join(folder, 'stage1', 'ckpt.pt'))
-            runs[i] = Run(dict(cfg, **t['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
-                               init_from='resume' if has else 'scratch', overwrite=cfg['overwrite']))
+            runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
+                               init_from='resume' if has else 'scratch', overwrite=True))
         return runs[i]
 
-    for t_rung, keep in rungs(len(cands), state['b'], state['max_iters']):
-        alive = [i for i, t in enumerate(state['trials']) if t['alive']]
+    budget = cfg['time_budget'] * 60
+    for t_rung, keep in rungs(len(cands), state['b'], n_iters):
+        alive = [i for i, t in enumerate(trials) if t['alive']]
         if len(alive) <= keep:
             continue                                     # a rung a resumed search had finished
         for i in alive:
-            t = state['trials'][i]
+            t = trials[i]
             if t['finished'] or t['iters'] >= t_rung:
-                if i in runs or t['finished']:
-                    users[i] = trial_run(i).best_users
+                continue
+            spent = sum(x['elapsed'] for x in trials)    # and were this one to win, its whole schedule:
+            if budget and i != 0 and spent + (n_iters - t['iters']) * state['sec_per_iter'] > budget:
+                t.update(alive=False, why='no time left in the budget')   # the winner must still fit
                 continue
             r = trial_run(i)
-            print(f"search: candidate {i} of {len(cands) - 1} ({t['name']}): iterations {r.iter_num:,} -> {t_rung:,}")
-            stop = r.fit(pause_at=t_rung)
+            print(f"search: candidate {i + 1} of {len(cands)} ({t['name']}): iterations {r.iter_num:,} -> {t_rung:,}")
+            try:
+                stop = r.fit(pause_at=t_rung)
+            except ConfigError as e:                     # e.g. this candidate's loss diverged: it loses
+                t.update(alive=False, why=f"failed: {e}")
+                runs.pop(i, None)
+                write_state(path, state)
+                continue
             record(t, r, stop)
-            users[i] = r.best_users
             write_state(path, state)
-        scores = {i: state['trials'][i]['best'] for i in alive if state['trials'][i]['best'] is not None}
-        ranked = sorted(scores, key=lambda i: scores[i], reverse=not lower)
-        if keep == 1:
-            for i in alive:
-                users.setdefault(i, trial_run(i).best_users)
+        alive = [i for i, t in enumerate(trials) if t['alive'] and t['best'] is not None]
+        for i in alive:
+            users[i] = trial_run(i).best_users
+        scores = {i: trials[i]['best'] for i in alive}
+        if keep == 1 or len(alive) <= 1:
             winner, why = one_se_winner(scores, users, lower)
             survivors, state['why'] = [winner], why
         else:
-            survivors = ranked[:keep]
-        for i in alive:
-            if i not in survivors:
-                state['trials'][i]['alive'] = False
+            survivors = sorted(scores, key=lambda i: scores[i], reverse=not lower)[:keep]
+        for i, t in enumerate(trials):
+            if t['alive'] and i not in survivors:
+                t.update(alive=False, why=t.get('why') or 'stopped')
                 runs.pop(i, None)
         write_state(path, state)
-    winner = next(i for i, t in enumerate(state['trials']) if t['alive'])
-    state['winner'] = winner
+    winner = next(i for i, t in enumerate(trials) if t['alive'])
     w = trial_run(winner)
-    if winner != 0:   # the winner's files take the run's folder; the rules' candidate's go to search/c0
-        swap(w, stage_dir, os.path.join(stage_dir, 'search', 'c0', 'stage1'))
-    for i in list(runs):
-        if i != winner:
-            runs.pop(i)
-    state['phase'] = 'final'
-    state['stopped'] = state['trials'][winner]['finished'] if state['trials'][winner]['finished'] != 'done' else None
+    runs = {winner: w}
+    state.update(winner=winner, phase='swap' if winner != 0 else 'final',
+                 stopped=None if trials[winner]['finished'] in (None, 'done') else trials[winner]['finished'])
+    write_state(path, state)
+    if winner != 0:   # the winner's files take the run's folder; the rules' candidate's go to search/c1
+        swap(winner, stage_dir, trials_dir)
+        w.stage_dir, w.ckpt_path, w.best_path = stage_dir, *(os.path.join(stage_dir, f) for f in ('ckpt.pt', 'best.pt'))
+        state['phase'] = 'final'
+        write_state(path, state)
+    for i, t in enumerate(trials):                       # the losers' optimizer states are not needed
+        ckpt = os.path.join(trials_dir, f"c{i + 1}", 'stage1', 'ckpt.pt')
+        if i != winner and os.path.isfile(ckpt):
+            os.remove(ckpt)
     print(summary(state))
     w.cfg.update(out_dir=cfg['out_dir'], time_budget=time_left(cfg, state), init_from=cfg['init_from'])
-    w.search = {k: v for k, v in state.items()}
-    write_state(path, state)
+    w.search = state
     w.save(w.ckpt_path)                                  # the run's checkpoint carries the search
     if state['stopped']:
         return w, state['stopped']
@@ -263,16 +314,23 @@ def time_left(cfg, state):
     return max(1e-3, cfg['time_budget'] - spent / 60)
 
 
-def swap(winner, stage_dir, rules_dir):
-    """Move the rules' candidate's files out of the run's folder and the winner's in; the winner
-    writes to the run's folder from then on."""
+def swap(winner, stage_dir, trials_dir):
+    """Move the rules' candidate's files out of the run's folder (to search/c1) and the winner's in.
+    Each move happens once (a file moves only where its source still exists and its place is free),
+    so a swap killed half-way is finished by the next one."""
+    rules_dir = os.path.join(trials_dir, 'c1', 'stage1')
+    win_dir = os.path.join(trials_dir, f"c{winner + 1}", 'stage1')
     os.makedirs(rules_dir, exist_ok=True)
     names = ('ckpt.pt', 'best.pt', 'metrics.jsonl')
-    for f in names:
-        if os.path.isfile(os.path.join(stage_dir, f)):
-            os.replace(os.path.join(stage_dir, f), os.path.join(rules_dir, f))
-    for f in names:
-        if os.path.isfile(os.path.join(winner.stage_dir, f)):
-            os.replace(os.path.join(winner.stage_dir, f), os.path.join(stage_dir, f))
-    winner.stage_dir = stage_dir
-    winner.ckpt_path, winner.best_path = os.path.join(stage_dir, 'ckpt.pt'), os.path.join(stage_dir, 'best.pt')
+    try:
+        for f in names:
+            src, dst = os.path.join(stage_dir, f), os.path.join(rules_dir, f)
+            if os.path.isfile(src) and not os.path.isfile(dst) and os.path.isfile(os.path.join(win_dir, f)):
+                os.replace(src, dst)
+        for f in names:
+            src, dst = os.path.join(win_dir, f), os.path.join(stage_dir, f)
+            if os.path.isfile(src) and not os.path.isfile(dst):
+                os.replace(src, dst)
+    except OSError as e:
+        raise ConfigError(f"{stage_dir}: cannot move the search's winner into the run's folder ({e}); "
+                          "resume with --init_from=resume once it is writable") from None

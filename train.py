@@ -11,8 +11,11 @@ scratch), in the stages of BehaviorLM's curriculum.
 Checkpoints go to out_dir/stage{stage}/: ckpt.pt (latest: model, optimizer, iteration, RNG) and
 best.pt (best validation `best_metric`). Both load with torch.load(..., weights_only=True) and
 carry the tokenizer, the anchor set and the config, so sample.py needs nothing else.
-At the end the best checkpoint is evaluated once on the test split, next to the most-popular and
-first-order Markov baselines (evaluate.py), and the table is printed and saved as results.json.
+At the end the best checkpoint is evaluated once on the test split, next to the simple baselines
+(baselines.py: most-popular, Markov, SR, SKNN, recency), with a paired bootstrap interval against
+the best of them (evaluate.py); the tables are printed and saved as results.json.
+Where the time budget has room, stage 1 first chooses dropout (and, for long histories, the
+context) on validation by successive halving and trains the winner on (search.py; --search=False).
 
 The curriculum (BehaviorLM, "anchor then tail"):
 - stage 1 trains on every user's full history; the loss weighs anchor targets 1 and tail targets
@@ -501,6 +504,7 @@ class Run:
         if self.master:
             self.print_plan()
         self.t_start = time.time()
+        self.rng_state = torch.get_rng_state()   # this run's dropout stream (runs of a search take turns)
 
     # --- setup -------------------------------------------------------------------------------
     def load_data(self):
@@ -623,7 +627,8 @@ class Run:
         self.best_iter, self.elapsed_before = ckpt.get('best_iter', self.iter_num), ckpt.get('elapsed', 0.0)
         self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
         self.cool = ckpt.get('cooldown')
-        self.best_users, self.search = ckpt.get('best_users'), ckpt.get('search')
+        self.search = ckpt.get('search')
+        self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].tolist()
         torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
         if self.master:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
@@ -663,7 +668,7 @@ class Run:
 
     def elapsed(self):
         """Seconds this run has trained, resumes included (the time budget counts these)."""
-        return self.elapsed_before + time.time() - self.t_start
+        return self.elapsed_before + (0.0 if self.t_start is None else time.time() - self.t_start)
 
     def agree(self, value):
         """The first process's value, on every process (decisions that must not differ under DDP)."""
@@ -742,7 +747,8 @@ class Run:
             'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
             'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
             'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
-            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'best_users': self.best_users,
+            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search,
+            'best_users': None if self.best_users is None else torch.tensor(self.best_users, dtype=torch.float32),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
             'clusters': None if uc is None else torch.from_numpy(uc),
@@ -838,6 +844,7 @@ class Run:
         iteration, validated and saved, with the run's clock stopped; fit() again goes on (search.py)."""
         cfg = self.cfg
         self.t_start = time.time()                       # the clock runs while this run trains
+        torch.set_rng_state(self.rng_state)              # and its own random stream (search.py interleaves runs)
         self.eval_secs, step_secs, stop = [], [], None   # validation and step times: the budget plans with them
         self.deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # seconds of elapsed()
         warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
@@ -847,7 +854,7 @@ class Run:
                         disable=not self.master or None, dynamic_ncols=True)
         self.model.train()
         self.reset_meters()
-        while self.iter_num < cfg['max_iters'] and stop is None and self.iter_num != pause_at:
+        while self.iter_num < cfg['max_iters'] and stop is None and (pause_at is None or self.iter_num < pause_at):
             t_step = time.time()
             lr = self.step()
             self.iter_num += 1
@@ -869,9 +876,13 @@ class Run:
                 if self.iter_num % cfg['eval_interval'] != 0:
                     self.validate_and_save()
         self.bar.close()
-        if stop is None and self.iter_num == pause_at and self.iter_num % cfg['eval_interval'] != 0:
-            self.validate_and_save()                    # a pause is always validated and saved
-        self.elapsed_before, self.t_start = self.elapsed(), time.time()   # the clock stops between fits
+        if stop is None and self.iter_num == pause_at:   # a pause is always validated and saved
+            if self.iter_num % cfg['eval_interval'] != 0:
+                self.validate_and_save()
+            elif not cfg['always_save_checkpoint']:
+                self.save(self.ckpt_path)
+        self.elapsed_before, self.t_start = self.elapsed(), None   # the clock stops between fits
+        self.rng_state = torch.get_rng_state()
         return stop
 
     def finish(self, stop):
@@ -903,6 +914,8 @@ def per_user_scores(metrics, metric):
         return (rank < int(metric[3:])).astype(float).tolist()
     if metric == 'mrr':
         return (1.0 / (rank + 1.0)).round(6).tolist()
+    if metric == 'nll':   # users whose target is <unk> have none (NaN): search.py compares the others
+        return (-metrics['examples']['logp']).round(6).tolist()
     return None
 
 
@@ -1022,7 +1035,7 @@ def final_report(best_path, data, cfg, dev, stage_dir, search=None):
               f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
               f"{fewshot(m, 5)} / {fewshot(m, 20)}")
         results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
-        results[split]['vs_best_baseline'] = dict(gain, baseline=best_base)
+        results.setdefault('vs_best_baseline', {})[split] = dict(gain, baseline=best_base)
     if data.split == 'session':   # HeTLM's task: the held-out test session, scored and generated per user
         import sessions
         methods = {'gpt (best.pt)': sessions.model_logp(model, dev, uc), 'markov': sessions.markov_logp(data),

@@ -54,9 +54,15 @@ def test_search_keeps_the_clearly_best_candidate_and_trains_it_on(small_data, tm
     ckpt = torch.load(tmp_path / 'stage1' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['dropout'] == 0.25 and ckpt['iter_num'] == 40
     assert [t['best'] for t in ckpt['search']['trials']] == [t['best'] for t in state['trials']]
-    assert os.path.isfile(tmp_path / 'stage1' / 'search' / 'c0' / 'stage1' / 'best.pt')   # the rules' run, kept
-    assert not os.path.isfile(tmp_path / 'stage1' / 'search' / 'c1' / 'stage1' / 'ckpt.pt')  # moved to the run
+    trials = tmp_path / 'stage1' / 'search'
+    assert os.path.isfile(trials / 'c1' / 'stage1' / 'best.pt')           # the rules' run, moved out and kept
+    assert not os.path.isfile(trials / 'c2' / 'stage1' / 'ckpt.pt')       # the winner's: moved to the run
+    assert not any(os.path.isfile(trials / c / 'stage1' / 'ckpt.pt') for c in ('c1', 'c3'))  # losers' optimizers go
     assert 'dropout 0.25' in search.summary(state) and '<- chosen' in search.summary(state)
+    # a new run in the folder (--overwrite=True) starts a new search: the old candidates are not resumed
+    Scripted.calls = []
+    run, _ = search.run(config(small_data, tmp_path, overwrite=True), Scripted)
+    assert min(it for d, it in Scripted.calls if d == 0.5) == 5 and run.cfg['dropout'] == 0.25
 
 
 def test_a_killed_search_resumes_where_it_stopped(small_data, tmp_path):
@@ -118,3 +124,35 @@ def test_train_with_the_search_end_to_end(small_data, tmp_path):
     results = train.train(cfg)
     assert len(results['search']['trials']) == 3 and results['search']['winner'] in (0, 1, 2)
     assert 'test' in results and 'val' in results
+
+
+def test_a_search_killed_while_the_winner_moves_in_finishes_the_move(small_data, tmp_path):
+    run, _ = search.run(config(small_data, tmp_path, max_iters=20), Scripted)
+    weights = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    stage, path = tmp_path / 'stage1', tmp_path / 'stage1' / 'search.json'
+    state = json.load(open(path))
+    # undo the second half of the move, as a kill after the rules' files left would: winner still in c2
+    os.makedirs(stage / 'search' / 'c2' / 'stage1', exist_ok=True)
+    for f in ('ckpt.pt', 'best.pt'):
+        os.replace(stage / f, stage / 'search' / 'c2' / 'stage1' / f)
+    state['phase'] = 'swap'
+    json.dump(state, open(path, 'w'))
+    Scripted.calls = []
+    again, stop = search.run(config(small_data, tmp_path, max_iters=20, init_from='resume'), Scripted)
+    assert again.iter_num == 20 and again.cfg['dropout'] == 0.25 and Scripted.calls == []   # nothing retrained
+    for k, v in again.raw_model.state_dict().items():
+        torch.testing.assert_close(v, weights[k])
+    assert json.load(open(path))['phase'] == 'final'
+
+
+def test_the_budget_bounds_the_losers(small_data, tmp_path, monkeypatch):
+    # a budget the rules' candidate alone nearly fills: no other candidate may start
+    class NoReplan(Scripted):
+        def fit_time_budget(self, sec_per_iter):
+            pass                      # the rules' candidate keeps its plan (we test the search's guard)
+    monkeypatch.setattr(search, 'plan', lambda *a: 20)
+    Scripted.calls = []
+    run, _ = search.run(config(small_data, tmp_path, time_budget=1e-4), NoReplan)
+    state = json.load(open(tmp_path / 'stage1' / 'search.json'))
+    assert all(not t['alive'] and t['why'] == 'no time left in the budget' for t in state['trials'][1:])
+    assert state['winner'] == 0 and {d for d, _ in Scripted.calls} == {0.1}
