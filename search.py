@@ -13,7 +13,8 @@ room, stage 1 trains a few candidates and keeps the one that validates best:
               has a longer history than the rules' context, twice that context.
   schedule    successive halving (Jamieson & Talwalkar 2016, the inner loop of Hyperband): every
               candidate trains on its own full schedule (the one it would follow alone) up to
-              rung 0's iteration b; the best third go on to 3b, and so on until one is left. The
+              rung 0's iteration b; the best third go on to 3b (with the rules' settings, so the
+              last rung can weigh the best against them), and so on until one is left. The
               winner is not retrained: it trains on to the end of its schedule as the run. So the
               candidates are compared on the schedule they would be trained on, nothing is trained
               twice, and there is no model of the response surface to fit (a handful of candidates).
@@ -22,7 +23,7 @@ room, stage 1 trains a few candidates and keeps the one that validates best:
               may spend what the budget leaves beside C, and at most 2C (a run takes at most three
               times as long as without a search, and never longer than the budget): b is the
               largest of 1/2, 1/4, 1/8 of the schedule whose losers fit in that (3 candidates: b is
-              half the schedule wherever the budget allows; 6 candidates: a quarter, then 3/4). Where nothing fits (a log that fills the budget with one run), the rules'
+              half the schedule wherever the budget allows; 6 candidates: 1/8, then 3/8). Where nothing fits (a log that fills the budget with one run), the rules'
               candidate trains on as the run: the rules alone, and no time was lost.
   selection   by the run's best_metric at each candidate's best validation so far (the same
               validation users for all). The best of several noisy validations is optimistic, and on
@@ -40,6 +41,8 @@ setting given explicitly is never searched. A seed reproduces a search wherever 
 candidate runs at about the same speed (the plan reads its speed only to pick b from the ladder;
 with --time_budget=0 it does not read it at all).
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -83,21 +86,25 @@ def candidates(cfg, stats):
 
 
 def rungs(n, b, max_iters, eta=ETA):
-    """[(iteration, survivors)] of successive halving over n candidates with rung 0 at iteration b."""
+    """[(iteration, best kept)] of successive halving over n candidates with rung 0 at iteration b.
+    Before the last rung the rules' settings go on too, best or not (the last rung weighs every
+    challenger against them: one_se_winner)."""
     out, alive, t = [], n, b
     while alive > 1:
-        alive = max(1, math.ceil(alive / eta))
-        out.append((min(t, max_iters), alive))
+        keep = max(1, math.ceil(alive / eta))
+        out.append((min(t, max_iters), keep))
+        alive = keep + (keep > 1 and keep < alive)      # at worst the rules' settings are not among the best
         t *= eta
     return out
 
 
 def loser_iters(n, b, max_iters, eta=ETA):
-    """Iterations trained by the candidates that lose (the winner's are the run's own)."""
+    """Iterations trained by the candidates that lose (the winner's are the run's own), at worst."""
     total, alive = 0, n
     for t, keep in rungs(n, b, max_iters, eta):
-        total += (alive - keep) * t
-        alive = keep
+        going_on = keep + (keep > 1 and keep < alive)
+        total += (alive - going_on) * t
+        alive = going_on
     return total
 
 
@@ -240,8 +247,9 @@ def run(cfg, Run):
         if i not in runs:
             folder = os.path.join(trials_dir, f"c{i + 1}")   # ours: a new run removes the last search's
             has = os.path.isfile(os.path.join(folder, 'stage1', 'ckpt.pt'))
-            runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
-                               init_from='resume' if has else 'scratch', overwrite=True))
+            with contextlib.redirect_stdout(io.StringIO()):   # the same settings block again: not printed
+                runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
+                                   init_from='resume' if has else 'scratch', overwrite=True))
         return runs[i]
 
     budget = cfg['time_budget'] * 60
@@ -275,8 +283,9 @@ def run(cfg, Run):
         if keep == 1 or len(alive) <= 1:
             winner, why = one_se_winner(scores, users, lower)
             survivors, state['why'] = [winner], why
-        else:
+        else:   # the best `keep` go on, and the rules' settings with them (the last rung compares against them)
             survivors = sorted(scores, key=lambda i: scores[i], reverse=not lower)[:keep]
+            survivors += [0] if 0 in scores and 0 not in survivors else []
         for i, t in enumerate(trials):
             if t['alive'] and i not in survivors:
                 t.update(alive=False, why=t.get('why') or 'stopped')

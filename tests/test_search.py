@@ -100,12 +100,13 @@ def test_explicit_settings_are_not_searched(small_data):
 def test_the_plan_fits_the_budget():
     # 3 candidates, 1,000 iterations of 0.1 s (100 s alone): the losers may take 200 s at most
     assert search.plan(3, 1000, 50, 0.1, 0) == 500                 # no budget: at most twice the run's cost
-    assert search.plan(6, 1000, 50, 0.1, 0) == 250                 # 4 x 250 + 750 = 1,750 iterations: 175 s
+    assert search.plan(6, 1000, 50, 0.1, 0) == 100                 # 1/8 on a validation: 3 x 100 + 2 x 300 its
     assert search.plan(3, 1000, 50, 0.1, 600) == 500
     assert search.plan(3, 1000, 50, 0.1, 160) == 250               # 60 s of room: 2 losers x 250 x 0.1 = 50 s
     assert search.plan(3, 1000, 50, 0.1, 110) is None              # no room: the rules alone
     assert search.rungs(6, 100, 1000) == [(100, 2), (300, 1)]
-    assert search.loser_iters(6, 100, 1000) == 4 * 100 + 300
+    assert search.loser_iters(6, 100, 1000) == 3 * 100 + 2 * 300    # the rules' settings may go on as a third
+    assert search.loser_iters(3, 100, 1000) == 2 * 100
 
 
 def test_one_standard_error_rule():
@@ -156,3 +157,13 @@ def test_the_budget_bounds_the_losers(small_data, tmp_path, monkeypatch):
     state = json.load(open(tmp_path / 'stage1' / 'search.json'))
     assert all(not t['alive'] and t['why'] == 'no time left in the budget' for t in state['trials'][1:])
     assert state['winner'] == 0 and {d for d, _ in Scripted.calls} == {0.1}
+
+
+def test_the_rules_settings_go_on_to_the_last_rung(small_data, tmp_path, monkeypatch):
+    six = [('rules', {})] + [(f"dropout {d}", {'dropout': d}) for d in (0.15, 0.2, 0.25, 0.3, 0.5)]
+    monkeypatch.setattr(search, 'candidates', lambda cfg, stats: six)
+    monkeypatch.setattr(search, 'plan', lambda *a: 10)          # rungs at 10 and 30 of 40
+    run, _ = search.run(config(small_data, tmp_path), Scripted)
+    state = json.load(open(tmp_path / 'stage1' / 'search.json'))
+    assert [t['iters'] for t in state['trials']] == [30, 10, 30, 30, 10, 10]   # 0.2 and 0.25 best at rung 0
+    assert state['winner'] == 3 and run.cfg['dropout'] == 0.25 and run.iter_num == 40
