@@ -210,15 +210,22 @@ def evaluate(data, split, scorers, batch_size=512, max_users=None, seed=0):
 # the model as a scorer
 
 @torch.inference_mode()
-def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_ids=None):
+def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_ids=None, drop_first=0):
     """Logits (B, V) of the next page after each context. Contexts keep their last block_size
-    tokens, right-padded with PAD (causal attention: the last real position never sees the pads)."""
+    tokens, right-padded with PAD (causal attention: the last real position never sees the pads).
+    drop_first=k (a diagnostic): a whole context (not cut by the block) of more than k + 1 tokens
+    loses the k tokens after its first, so its target sits k positions shallower."""
     start = np.maximum(ctx_start, ctx_end - block_size)
     lengths = ctx_end - start                                            # (B,) >= 1 (<bos> at least)
     T = int(lengths.max())
     pos = start[:, None] + np.arange(T)[None, :]                         # (B, T) absolute positions
     real = pos < ctx_end[:, None]
     x = np.where(real, np.asarray(data.tokens[np.minimum(pos, ctx_end[:, None] - 1)], dtype=np.int64), PAD)
+    if drop_first:
+        ok = (start == ctx_start) & (lengths > drop_first + 1)
+        x[ok, 1:T - drop_first] = x[ok, 1 + drop_first:]
+        x[ok, T - drop_first:] = PAD
+        lengths = np.where(ok, lengths - drop_first, lengths)
     idx = torch.from_numpy(x).to(device)
     if cluster_ids is not None:
         cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=device)
@@ -242,7 +249,7 @@ def log_prior(data):
 
 
 def evaluate_model(model, data, split, block_size, device, batch_size=512, max_users=None, seed=0, clusters=None,
-                   logit_adjust=0.0):
+                   logit_adjust=0.0, drop_first=0):
     """Metrics of one model; clusters (n_users,) = each user's parameter set, or None (K = 1).
     logit_adjust = tau > 0: post-hoc logit adjustment (Menon et al., 2021), rank by
     logits - tau * log prior(page), which favours rare pages. A list of taus -> {tau: metrics},
@@ -255,7 +262,7 @@ def evaluate_model(model, data, split, block_size, device, batch_size=512, max_u
             if last.get("users") is None or not np.array_equal(last["users"], users):
                 cids = None if clusters is None else np.asarray(clusters)[users]
                 last["users"] = users
-                last["logits"] = model_scores(model, data, ctx_start, ctx_end, block_size, device, cids)
+                last["logits"] = model_scores(model, data, ctx_start, ctx_end, block_size, device, cids, drop_first)
             return last["logits"] - tau * prior if tau else last["logits"]
         return score
     res = evaluate(data, split, {tau: scorer(tau) for tau in taus}, batch_size, max_users, seed)
@@ -339,14 +346,16 @@ def main(argv=None):
     p.add_argument("--outcome_samples", type=int, default=10)   # sampled sessions per user for that probability
     p.add_argument("--max_len", type=int, default=0)            # generated pages at most (0: training sessions' p99)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--drop_first", type=int, default=0)         # diagnostic: score the model with the k pages
+                                                                #   after each whole context's first token left out
     args = p.parse_args(argv)
     if args.baselines_only and not args.data_dir:
         sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
     if not args.baselines_only and not os.path.exists(args.ckpt):
         sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
-    if args.max_users < 0 or args.batch_size < 1 or args.outcome_samples < 1 or args.max_len < 0:
+    if args.max_users < 0 or args.batch_size < 1 or args.outcome_samples < 1 or args.max_len < 0 or args.drop_first < 0:
         sys.exit(f"error: --max_users={args.max_users} --batch_size={args.batch_size} --outcome_samples="
-                 f"{args.outcome_samples} --max_len={args.max_len}: need max_users >= 0 (0: every user), "
+                 f"{args.outcome_samples} --max_len={args.max_len}: need max_users >= 0 (0: every user), drop_first >= 0, "
                  "batch_size >= 1, outcome_samples >= 1, max_len >= 0 (0: from the data)")
     from configurator import ConfigError
     from data import load_data, DataError
@@ -367,7 +376,8 @@ def main(argv=None):
     if not args.baselines_only:
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
-                                          args.batch_size, args.max_users or None, args.seed, clusters=uc)
+                                          args.batch_size, args.max_users or None, args.seed, clusters=uc,
+                                          drop_first=args.drop_first)
     simple = Baselines(data, args.seed)
     base = simple.evaluate(args.split, args.max_users or None)
     results.update(base)

@@ -297,3 +297,20 @@ def test_compare_reports_ratio_and_interval():
     assert g["model"] == pytest.approx(a.mean()) and g["ratio"] == pytest.approx(a.mean() / b.mean())
     assert g["low"] <= g["diff"] <= g["high"] and g["users"] == 4
     assert "no clear difference" in ev.gain_line("gpt", "markov", g)
+
+
+def test_drop_first_scores_the_context_without_its_second_token():
+    model_mod = pytest.importorskip("model")
+    torch.manual_seed(0)
+    data = random_data(20, 16, seed=3)
+    block = 64                                                       # no context is cut: every one qualifies
+    model = model_mod.GPT(model_mod.GPTConfig(block_size=block, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    users, cs, ce, _ = ev.eval_set(data, "test")
+    got = ev.model_scores(model, data, cs, ce, block, "cpu", drop_first=1)
+    for i in range(len(users)):
+        ctx = np.asarray(data.tokens[cs[i]:ce[i]], dtype=np.int64)
+        if len(ctx) > 2:
+            ctx = np.concatenate([ctx[:1], ctx[2:]])
+        with torch.no_grad():
+            want = model.head(model.hidden_states(torch.from_numpy(ctx)[None])[:, -1])
+        torch.testing.assert_close(got[i], want[0].float(), rtol=1e-4, atol=1e-5)
