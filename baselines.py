@@ -67,13 +67,18 @@ CHUNK = 1 << 21                 # kNN: candidate entries handled at once (bounds
 # -----------------------------------------------------------------------------
 # most-popular and first-order Markov with back-off (moved from evaluate.py, unchanged)
 
-def train_transitions(data, eos=False):
-    """(prev, target) for every training target that is a page (or, eos=True, a page or <eos>, the
-    session task's targets); prev may be <bos>."""
+def training_part(data):
+    """(n_tokens,) bool: the token lies in its user's training part (before the validation target)."""
     n = len(data.tokens)
     offsets, train_end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
     delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(train_end, minlength=n + 1)
-    in_train = np.cumsum(delta[:n]) > 0                                  # (n_tokens,) +1 at starts, -1 at ends
+    return np.cumsum(delta[:n]) > 0                                      # +1 at starts, -1 at ends
+
+def train_transitions(data, eos=False):
+    """(prev, target) for every training target that is a page (or, eos=True, a page or <eos>, the
+    session task's targets); prev may be <bos>."""
+    n, offsets = len(data.tokens), np.asarray(data.offsets, dtype=np.int64)
+    in_train = training_part(data)
     in_train[offsets[:-1][offsets[:-1] < n]] = False                     # a region's first token has no prev
     i = np.flatnonzero(in_train)
     tokens = np.asarray(data.tokens)
@@ -160,11 +165,8 @@ def session_index(data):
     """Every training event in stream order: pos, page (int64; <unk> kept), sess = index of its
     session (its <bos> in the stream, so larger = more recent); bos (n_sessions,) the positions of
     every <bos>; user_sess (U+1,): user u owns sessions user_sess[u]..user_sess[u+1]-1."""
-    tok = np.asarray(data.tokens)
-    n = len(tok)
-    offsets, train_end = np.asarray(data.offsets, dtype=np.int64), np.asarray(data.train_end, dtype=np.int64)
-    delta = np.bincount(offsets[:-1], minlength=n + 1) - np.bincount(train_end, minlength=n + 1)
-    in_train = np.cumsum(delta[:n]) > 0                                  # a user's training part
+    tok, offsets = np.asarray(data.tokens), np.asarray(data.offsets, dtype=np.int64)
+    in_train = training_part(data)
     is_bos = tok == BOS
     pos = np.flatnonzero(in_train & is_event(tok))
     sess = (np.cumsum(is_bos) - 1)[pos]                                  # -1 before any <bos>: never a session
@@ -489,18 +491,10 @@ def evidence_ndcg(e, targets, tie):
     rank = np.count_nonzero((pages > et) | ((pages == et) & (tie[None, N_SPECIAL:] > pt)), axis=1)
     return np.where(known & (rank < 10), 1.0 / np.log2(rank + 2.0), 0.0)
 
-def val_subset(data, max_users=CHOOSE_USERS, seed=0):
-    """(users, ctx_start, ctx_end, targets) of a fixed random subset of validation users (as evaluate.eval_set)."""
-    users, ctx_start, ctx_end, targets = eval_examples(data, "val")
-    if max_users and max_users < len(users):
-        keep = np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
-        users, ctx_start, ctx_end, targets = users[keep], ctx_start[keep], ctx_end[keep], targets[keep]
-    return users, ctx_start, ctx_end, targets
-
 def grid_ndcg(data, grid, ndcg_fn, max_users=CHOOSE_USERS, seed=0):
     """{value: mean validation NDCG@10}, ndcg_fn(users, ctx_start, ctx_end, targets) -> [per-row
-    NDCG@10 per grid value], over val_subset in batches of ~4M scores."""
-    users, ctx_start, ctx_end, targets = val_subset(data, max_users, seed)
+    NDCG@10 per grid value], over a fixed subset of validation users in batches of ~4M scores."""
+    users, ctx_start, ctx_end, targets = eval_examples(data, "val", max_users, seed)
     rows = max(64, (1 << 22) // (data.vocab_size * len(grid)))
     total = np.zeros(len(grid))
     for i in range(0, len(users), rows):

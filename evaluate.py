@@ -37,6 +37,7 @@ from model import resolve_device
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
+LOWER_IS_BETTER = {"nll", "session_nll"}   # validation metrics where lower is better (the rest: higher)
 COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail", "macro_f1", "w_prec"]
 
 # -----------------------------------------------------------------------------
@@ -166,14 +167,7 @@ def per_user_by_cluster(examples, clusters=None):
 # -----------------------------------------------------------------------------
 # the evaluation set and the loop shared by every method
 
-def eval_set(data, split, max_users=None, seed=0):
-    """(users, ctx_start, ctx_end, targets) for split, as data.eval_examples; max_users > 0 keeps a
-    fixed random subset (same seed -> same users, so periodic evaluations are comparable)."""
-    users, ctx_start, ctx_end, targets = eval_examples(data, split)
-    if max_users and max_users < len(users):
-        keep = np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
-        users, ctx_start, ctx_end, targets = users[keep], ctx_start[keep], ctx_end[keep], targets[keep]
-    return users, ctx_start, ctx_end, targets
+eval_set = eval_examples   # (users, ctx_start, ctx_end, targets); max_users > 0: a fixed seeded subset
 
 EVAL_TOKENS = 1 << 14  # context tokens per model pass at most (block 256: 64 users); bounds eval memory
 EVAL_LOGITS = 1 << 25  # scores per evaluation batch at most (128 MB in fp32): with 200,000 pages, 167 users

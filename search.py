@@ -41,8 +41,6 @@ setting given explicitly is never searched. A seed reproduces a search wherever 
 candidate runs at about the same speed (the plan reads its speed only to pick b from the ladder;
 with --time_budget=0 it does not read it at all).
 """
-import contextlib
-import io
 import json
 import math
 import os
@@ -52,6 +50,8 @@ from statistics import NormalDist
 import numpy as np
 
 from configurator import ConfigError
+from data import write_atomic
+from evaluate import LOWER_IS_BETTER
 from recipe import AUTO, data_stats, derive
 
 ETA = 3                        # successive halving keeps the best third at each rung
@@ -86,23 +86,22 @@ def candidates(cfg, stats):
 
 
 def rungs(n, b, max_iters, eta=ETA):
-    """[(iteration, best kept)] of successive halving over n candidates with rung 0 at iteration b.
-    Before the last rung the rules' settings go on too, best or not (the last rung weighs every
-    challenger against them: one_se_winner)."""
+    """[(iteration, best kept, going on at worst)] of successive halving over n candidates with rung 0
+    at iteration b. Before the last rung the rules' settings go on too, best or not (the last rung
+    weighs every challenger against them: one_se_winner), so at worst one more goes on."""
     out, alive, t = [], n, b
     while alive > 1:
         keep = max(1, math.ceil(alive / eta))
-        out.append((min(t, max_iters), keep))
-        alive = keep + (keep > 1 and keep < alive)      # at worst the rules' settings are not among the best
-        t *= eta
+        going_on = keep + (keep > 1 and keep < alive)
+        out.append((min(t, max_iters), keep, going_on))
+        alive, t = going_on, t * eta
     return out
 
 
 def loser_iters(n, b, max_iters, eta=ETA):
     """Iterations trained by the candidates that lose (the winner's are the run's own), at worst."""
     total, alive = 0, n
-    for t, keep in rungs(n, b, max_iters, eta):
-        going_on = keep + (keep > 1 and keep < alive)
+    for t, _, going_on in rungs(n, b, max_iters, eta):
         total += (alive - going_on) * t
         alive = going_on
     return total
@@ -160,11 +159,8 @@ def read_state(path):
 
 
 def write_state(path, state):
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, state)
     except OSError as e:
         raise ConfigError(f"{path}: cannot write the settings search ({e})") from None
 
@@ -210,10 +206,10 @@ def run(cfg, Run):
     if state is None and os.path.isfile(path):   # a new run: the last search (ours: search.json says so) goes
         os.remove(path)
         shutil.rmtree(trials_dir, ignore_errors=True)
-    cands = candidates(cfg, data_stats(first.data))
+    cands = candidates(cfg, first.stats or data_stats(first.data))   # the stats the rules just read
     if len(cands) == 1:
         return first, first.fit()
-    lower = first.cfg['best_metric'] in ('nll', 'session_nll')
+    lower = first.cfg['best_metric'] in LOWER_IS_BETTER
     if state is None:
         state = {'phase': 'probe', 'max_iters': first.cfg['max_iters'], 'metric': first.cfg['best_metric'],
                  'dtype': first.cfg['dtype'], 'seed': cfg['seed'], 'b': 0,
@@ -247,13 +243,12 @@ def run(cfg, Run):
         if i not in runs:
             folder = os.path.join(trials_dir, f"c{i + 1}")   # ours: a new run removes the last search's
             has = os.path.isfile(os.path.join(folder, 'stage1', 'ckpt.pt'))
-            with contextlib.redirect_stdout(io.StringIO()):   # the same settings block again: not printed
-                runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
-                                   init_from='resume' if has else 'scratch', overwrite=True))
+            runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
+                               init_from='resume' if has else 'scratch', overwrite=True), verbose=False)
         return runs[i]
 
     budget = cfg['time_budget'] * 60
-    for t_rung, keep in rungs(len(cands), state['b'], n_iters):
+    for t_rung, keep, _ in rungs(len(cands), state['b'], n_iters):
         alive = [i for i, t in enumerate(trials) if t['alive']]
         if len(alive) <= keep:
             continue                                     # a rung a resumed search had finished

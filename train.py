@@ -52,7 +52,8 @@ from configurator import ConfigError, Progress, run_main
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
-from evaluate import Baselines, compare, evaluate_model, format_table, gain_line, per_user_stats, ndcg_at, COLUMNS
+from evaluate import (Baselines, compare, evaluate_model, format_table, gain_line, per_user_stats, ndcg_at, COLUMNS,
+                      LOWER_IS_BETTER)
 import search as settings_search
 from sessions import mean_session_nll
 
@@ -262,7 +263,6 @@ def better(a, b, metric):
 
 
 BEST_METRICS = set(COLUMNS) | {'hmean', 'macro_recall', 'session_nll'}   # session_nll: --split=session data only
-LOWER_IS_BETTER = {'nll', 'session_nll'}
 
 
 def check_config(cfg):
@@ -429,8 +429,9 @@ def setup_distributed(cfg):
 def fill_settings(cfg, data, prior, master):
     """Settings left "from the data" (recipe.AUTO): those of the run we continue (prior: its
     checkpoint, on resume or in stage 2), else derived by recipe.derive and printed with their
-    reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data)."""
-    reasons = []
+    reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data, the
+    data's statistics where they were read, else None)."""
+    reasons, stats = [], None
     if prior is not None:
         reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
         for k, auto in AUTO.items():
@@ -442,7 +443,7 @@ def fill_settings(cfg, data, prior, master):
         reasons += new
         if master:
             print(describe(new, stats))
-    return cfg, [list(r) for r in reasons]
+    return cfg, [list(r) for r in reasons], stats
 
 
 def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
@@ -477,11 +478,12 @@ class Run:
     goes into every checkpoint, so a resumed run continues where it stopped. Under DDP every process
     builds the same Run; the first one validates, writes checkpoints and prints."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, verbose=True):
         check_config(cfg)
         self.cfg = cfg = dict(cfg)
         self.ddp, self.rank, self.world, self.dev = setup_distributed(cfg)
         self.master = self.rank == 0
+        self.talk = self.master and verbose   # the set-up's printout (search.py's candidates skip it)
         self.device_type = 'cuda' if self.dev.startswith('cuda') else ('mps' if self.dev.startswith('mps') else 'cpu')
         torch.manual_seed(cfg['seed'] + self.rank)
         self.data = self.load_data()
@@ -501,7 +503,7 @@ class Run:
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.model = DDP(self.model, device_ids=[int(self.dev.split(':')[1])] if self.device_type == 'cuda' else None)
-        if self.master:
+        if self.talk:
             self.print_plan()
         self.t_start = time.time()
         self.rng_state = torch.get_rng_state()   # this run's dropout stream (runs of a search take turns)
@@ -524,7 +526,7 @@ class Run:
         if cfg['best_metric'] == 'session_nll' and data.split != 'session':
             raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
                               f"(prepared with --split={data.split}, not --split=session)")
-        if self.master:
+        if self.talk:
             print(describe_anchors({'n_pages': data.vocab_size - 4, **a}))
         return data
 
@@ -543,7 +545,7 @@ class Run:
                 raise ConfigError(f"--stage=2: {src} was trained on another vocabulary than {cfg['data_dir']}")
             for p in ref_model.parameters():
                 p.requires_grad_(False)
-            if self.master:
+            if self.talk:
                 print(f"stage 2 starts from {src} (iteration {stage1['iter_num']})")
         if cfg['init_from'] == 'resume':
             if not os.path.isfile(self.ckpt_path):
@@ -563,7 +565,7 @@ class Run:
                 cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
         if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
             cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
-        filled, self.derived = fill_settings(cfg, self.data, prior, self.master)
+        filled, self.derived, self.stats = fill_settings(cfg, self.data, prior, self.talk)
         cfg.update(filled)                # one config dict for the whole run
         if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
             cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
@@ -585,7 +587,7 @@ class Run:
         if ckpt is None and self.ref_model is not None:   # stage 2 starts as stage 1's model
             self.model.load_state_dict(self.ref_model.state_dict())
         if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
-            warm_start(self.model, cfg, self.data, self.master)
+            warm_start(self.model, cfg, self.data, self.talk)
         self.optimizer = self.model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                                          (cfg['beta1'], cfg['beta2']), self.device_type)
 
@@ -628,9 +630,9 @@ class Run:
         self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
         self.cool = ckpt.get('cooldown')
         self.search = ckpt.get('search')
-        self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].tolist()
+        self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].numpy()
         torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
-        if self.master:
+        if self.talk:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
 
     def choose_dtype(self, resumed=None):
@@ -748,7 +750,7 @@ class Run:
             'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
             'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
             'config': dict(self.cfg), 'derived': self.derived, 'search': self.search,
-            'best_users': None if self.best_users is None else torch.tensor(self.best_users, dtype=torch.float32),
+            'best_users': None if self.best_users is None else torch.from_numpy(np.asarray(self.best_users, np.float32)),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
             'clusters': None if uc is None else torch.from_numpy(uc),
@@ -905,18 +907,20 @@ class Run:
 
 
 def per_user_scores(metrics, metric):
-    """Per-user values of a validation metric that is a mean over users (NDCG, HR, MRR), as a list
-    (users in a fixed order); None for the others. The search compares runs user by user with them."""
+    """Per-user values (float32, users in a fixed order) of a validation metric that is a mean over
+    users (NDCG, HR, MRR, NLL); None for the others. The search compares runs user by user with them."""
     rank = metrics['examples']['rank']
     if metric.startswith('ndcg@'):
-        return ndcg_at(rank, int(metric[5:])).round(6).tolist()
-    if metric.startswith('hr@'):
-        return (rank < int(metric[3:])).astype(float).tolist()
-    if metric == 'mrr':
-        return (1.0 / (rank + 1.0)).round(6).tolist()
-    if metric == 'nll':   # users whose target is <unk> have none (NaN): search.py compares the others
-        return (-metrics['examples']['logp']).round(6).tolist()
-    return None
+        values = ndcg_at(rank, int(metric[5:]))
+    elif metric.startswith('hr@'):
+        values = rank < int(metric[3:])
+    elif metric == 'mrr':
+        values = 1.0 / (rank + 1.0)
+    elif metric == 'nll':   # users whose target is <unk> have none (NaN): search.py compares the others
+        values = -metrics['examples']['logp']
+    else:
+        return None
+    return np.asarray(values, dtype=np.float32)
 
 
 def wants_cooldown(cfg, best_iter):

@@ -12,38 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baselines as bl  # noqa: E402
 import data as data_mod  # noqa: E402
 import evaluate as ev  # noqa: E402
+from test_evaluate import fake_data  # noqa: E402  (the same tiny prepared dataset)
 
 B_, E_, UNK = 2, 3, 1  # <bos>, <eos>, <unk>
-
-
-class Data:
-    """A prepared dataset's arrays (as data.BehaviorData has them), weak-referenceable like it, so
-    the per-dataset cache of baselines.py is exercised too."""
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def fake_data(users, vocab_size, anchor_ids=(4,)):
-    """users: list of users, each a list of sessions (lists of page ids >= 4, or 1 for <unk>), laid
-    out as data.py does: <bos> p.. <eos> per session; a user with >= 3 events holds out its last two
-    (validation target = the one before last, test = the last), the others are training only."""
-    tokens, offsets, val_pos, test_pos = [], [0], [], []
-    for sessions in users:
-        page_pos = []
-        for s in sessions:
-            tokens.append(B_)
-            for p in s:
-                page_pos.append(len(tokens))
-                tokens.append(p)
-            tokens.append(E_)
-        offsets.append(len(tokens))
-        val_pos.append(page_pos[-2] if len(page_pos) >= 3 else -1)
-        test_pos.append(page_pos[-1] if len(page_pos) >= 3 else -1)
-    a = lambda x: np.array(x, dtype=np.int64)
-    val_pos, offsets = a(val_pos), a(offsets)
-    return Data(tokens=np.array(tokens, dtype=np.uint32), offsets=offsets, val_pos=val_pos, test_pos=a(test_pos),
-                train_end=np.where(val_pos >= 0, val_pos, offsets[1:]), vocab_size=vocab_size,
-                n_users=len(users), anchor_ids=a(anchor_ids))
 
 
 def ctx(data, u, split="val"):

@@ -2,7 +2,6 @@
 import math
 import os
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +14,15 @@ import evaluate as ev
 B_, E_ = 2, 3  # <bos>, <eos>
 
 
+class Data:
+    """A prepared dataset's arrays, as data.BehaviorData holds them; hashable and weak-referenceable
+    like it, so baselines.py's per-dataset cache works on it too."""
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
 def fake_data(users, vocab_size, anchor_ids=(4,)):
-    """users: list of users, each a list of sessions (lists of page ids >= 4). Builds the arrays of
+    """users: list of users, each a list of sessions (lists of page ids >= 4, or 1 for <unk>). Builds the arrays of
     a prepared dataset as data.py lays them out: <bos> p.. <eos> per session, leave-last-out."""
     tokens, offsets, val_pos, test_pos, train_end = [], [0], [], [], []
     for sessions in users:
@@ -33,9 +39,9 @@ def fake_data(users, vocab_size, anchor_ids=(4,)):
         else:
             val_pos.append(-1); test_pos.append(-1); train_end.append(len(tokens))
     a = lambda x: np.array(x, dtype=np.int64)
-    return SimpleNamespace(tokens=np.array(tokens, dtype=np.uint32), offsets=a(offsets), val_pos=a(val_pos),
-                           test_pos=a(test_pos), train_end=a(train_end), vocab_size=vocab_size,
-                           n_users=len(users), anchor_ids=a(anchor_ids))
+    return Data(tokens=np.array(tokens, dtype=np.uint32), offsets=a(offsets), val_pos=a(val_pos),
+                test_pos=a(test_pos), train_end=a(train_end), vocab_size=vocab_size,
+                n_users=len(users), anchor_ids=a(anchor_ids))
 
 
 def random_data(n_users, vocab_size, seed):

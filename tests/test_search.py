@@ -104,7 +104,7 @@ def test_the_plan_fits_the_budget():
     assert search.plan(3, 1000, 50, 0.1, 600) == 500
     assert search.plan(3, 1000, 50, 0.1, 160) == 250               # 60 s of room: 2 losers x 250 x 0.1 = 50 s
     assert search.plan(3, 1000, 50, 0.1, 110) is None              # no room: the rules alone
-    assert search.rungs(6, 100, 1000) == [(100, 2), (300, 1)]
+    assert search.rungs(6, 100, 1000) == [(100, 2, 3), (300, 1, 1)]   # (iteration, best kept, going on at worst)
     assert search.loser_iters(6, 100, 1000) == 3 * 100 + 2 * 300    # the rules' settings may go on as a third
     assert search.loser_iters(3, 100, 1000) == 2 * 100
 
