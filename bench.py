@@ -197,7 +197,8 @@ def default_model(data, dev, dropout=0.0):
     tc = default_config(data)
     torch.manual_seed(tc['seed'])
     return GPT(GPTConfig(block_size=tc['block_size'], vocab_size=data.vocab_size, n_layer=tc['n_layer'],
-                         n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout)).to(dev).eval()
+                         n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout,
+                         repeat_bias=tc['repeat_bias'])).to(dev).eval()
 
 
 def bench_prepare(path):
@@ -267,7 +268,7 @@ def bench_epoch(data_dir, cfg, dev):
     t0, targets = time.perf_counter(), 0
     for it in range(n_batches):
         for group in optimizer.param_groups:
-            group['lr'] = train.get_lr(it, tc)
+            group['lr'] = train.get_lr(it, tc) * group.get('lr_scale', 1.0)
         x, y = get_batch(data, windows, schedule(it))
         targets += int((y != -1).sum())
         train_step(model, optimizer, x.to(dev), y.to(dev), clip=tc['grad_clip'],

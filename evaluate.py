@@ -226,14 +226,17 @@ def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_id
     was_training = model.training
     model.eval()
     last = torch.as_tensor(lengths - 1, device=device)
-    h_last, rows = [], max(1, EVAL_TOKENS // T)
+    h_last, reps, rows = [], [], max(1, EVAL_TOKENS // T)
     for s in range(0, len(idx), rows):   # sub-batches bound the activations (rows, T, 4C) and attention
         cid = None if cluster_ids is None else cluster_ids[s:s + rows]
         h = model.hidden_states(idx[s:s + rows], cid)                    # (rows, T, C)
         h_last.append(h[torch.arange(h.size(0), device=device), last[s:s + rows]])
-    logits = model.head(torch.cat(h_last), cluster_ids)                  # (B, V) at each context's last position
+        reps.append(model.repeat_terms(idx[s:s + rows], last[s:s + rows, None]))   # (rows, 1, T) or None
+    logits = model.head(torch.cat(h_last), cluster_ids).float()          # (B, V) at each context's last position
+    if reps[0] is not None:                                              # the pages already in the context
+        logits.scatter_add_(1, torch.cat([p[:, 0] for p, _ in reps]), torch.cat([v[:, 0] for _, v in reps]).float())
     model.train(was_training)
-    return logits.float()
+    return logits
 
 def log_prior(data):
     """log of each page's training frequency (add-one smoothed); 0 for specials, which are never ranked."""

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import ConfigError
-from tokenizer import SPECIALS
+from tokenizer import SPECIALS, N_SPECIAL
 
 
 @dataclass
@@ -51,6 +51,8 @@ class GPTConfig:
     cluster_scope: str = 'all'  # 'all': each cluster owns every weight (K independent models);
                                 # 'blocks': shared embeddings and head, per-cluster transformer blocks;
                                 # 'norms': shared weights, per-cluster LayerNorm gains and output bias
+    repeat_bias: bool = False # the repeat term: pages already in the context get a learned logit bias by
+                              # the age of their latest visit (GPT.repeat_terms); False in older checkpoints
 
 
 class SetLinear(nn.Module):
@@ -178,10 +180,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     Under autocast the matmuls run in the autocast dtype with fp32 softmax and accumulation.
     bias: None, (V,) for every row, or (K, V) with bias_rows (N,) choosing each row's bias (a
     shared head with per-cluster page biases: one pass, one gradient buffer, whatever the mix).
+    rep_pages, rep_vals (N, T): a sparse term added to each row's logits (GPT.repeat_terms; the
+    values are differentiable, their gradient is the logits' gradient gathered at the pages).
     Returns (weighted sum, per-row losses); only the sum is differentiable."""
 
     @staticmethod
-    def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None):
+    def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None, rep_pages=None, rep_vals=None):
         N, V = h.size(0), W.size(0)
         n_rows = N
         cdt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
@@ -199,16 +203,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                     t, w = torch.cat([t, t.new_zeros(pad)]), torch.cat([w, w.new_zeros(pad)])
                     if bias_rows is not None:
                         bias_rows = torch.cat([bias_rows, bias_rows.new_zeros(pad)])
+                    if rep_pages is not None:
+                        rep_pages = torch.cat([rep_pages, rep_pages.new_zeros(pad, rep_pages.size(1))])
+                        rep_vals = torch.cat([rep_vals, rep_vals.new_zeros(pad, rep_vals.size(1))])
                     N = N + pad
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gb = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
+            gr = torch.empty(rep_vals.shape, dtype=torch.float32, device=h.device) if need_grad and rep_vals is not None else None
             for s in range(0, N, rows):
                 hc, tc = h[s:s + rows].to(cdt), t[s:s + rows]
                 z = (hc @ Wc.t()).float()                                  # (rows, V)
                 if bias is not None:
                     z += bias if bias_rows is None else bias[bias_rows[s:s + rows]]
+                if rep_pages is not None:
+                    z.scatter_add_(1, rep_pages[s:s + rows], rep_vals[s:s + rows].float())
                 zt = z.gather(1, tc[:, None])
                 mx = z.amax(dim=1, keepdim=True)
                 z.sub_(mx).exp_()                                          # in place: one pass
@@ -222,6 +232,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                         gb += z.sum(dim=0)
                     elif gb is not None:
                         gb.index_add_(0, bias_rows[s:s + rows], z)
+                    if gr is not None:
+                        gr[s:s + rows] = z.gather(1, rep_pages[s:s + rows])
                     if cdt == torch.float32:
                         torch.mm(z, Wc, out=gh[s:s + rows])
                         gW.addmm_(z.t(), hc)
@@ -230,17 +242,29 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                         gh[s:s + rows] = zc @ Wc
                         gW += zc.t() @ hc
         losses, w = losses[:n_rows], w[:n_rows]                            # without the padding rows
-        ctx.save_for_backward(None if gh is None else gh[:n_rows], gW, gb)
+        ctx.save_for_backward(None if gh is None else gh[:n_rows], gW, gb, None if gr is None else gr[:n_rows])
         ctx.dtypes = (h.dtype, W.dtype)
         ctx.mark_non_differentiable(losses)
         return (losses * w).sum(), losses
 
     @staticmethod
     def backward(ctx, g, _):
-        gh, gW, gb = ctx.saved_tensors
+        gh, gW, gb, gr = ctx.saved_tensors
         if gh is None:
             raise RuntimeError("ChunkedCrossEntropy: gradients were not formed (forward ran without grad)")
-        return (gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g, None, None
+        return ((gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g,
+                None, None, None, None if gr is None else gr * g)
+
+
+REPEAT_BUCKETS = 12   # ages of a page's latest visit: 1 (the last page), 2, 3, 4, 5-8, 9-16, ..., 257-512, more
+REPEAT_LR_SCALE = 10  # the repeat weights' learning rate, times the run's: a handful of logit offsets that
+                      # may need to move by several units (about 1 per 1,000 steps at 1e-3 otherwise)
+
+
+def age_bucket(age):
+    """(...) ages >= 1 (long) -> their bucket in [0, REPEAT_BUCKETS): 1-4 alone, then powers of two."""
+    log2 = torch.floor(torch.log2((age - 1).clamp(min=1).double())).long() + 1      # (age - 1).bit_length()
+    return torch.where(age <= 4, age - 1, log2 + 1).clamp(0, REPEAT_BUCKETS - 1)
 
 
 SCOPES = ('all', 'blocks', 'norms')  # what each cluster owns: everything (K independent models),
@@ -269,6 +293,9 @@ class GPT(nn.Module):
         self.lm_head = SetLinear(config.n_embd, config.vocab_size, False, k_emb)
         # 'norms': each cluster's own bias over the pages (its prior), on top of the shared head
         self.page_bias = nn.Parameter(torch.zeros(K, config.vocab_size)) if scope == 'norms' and K > 1 else None
+        # the repeat term (repeat_terms): one logit offset per age bucket of a page's latest visit in the
+        # context, and a weight on log(visits); shared by every parameter set
+        self.repeat_w = nn.Parameter(torch.zeros(REPEAT_BUCKETS + 1)) if config.repeat_bias else None
         # weight tying: a page's input embedding is its output embedding, so a page seen only in
         # contexts still gets a useful output vector (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -347,6 +374,39 @@ class GPT(nn.Module):
         z = self.lm_head(h, k)
         return z if self.page_bias is None else z + self.page_bias[k].to(z.dtype)
 
+    def repeat_terms(self, idx, at=None):
+        """The repeat term, as RepeatNet's repeat mode (Ren et al., 2019) but added to the logits: a
+        page already in the context gets repeat_w[age bucket of its latest visit] + repeat_w[-1] *
+        log(its visits so far), learned with the loss. A GPT with tied embeddings can echo its context
+        through attention, but not easily say "never again" (a rating log, where each item is rated
+        once) or "the page I was just on, again" (a repeat-heavy log); two offsets can.
+        idx (B, T); at (B, n): the positions whose next token is scored (None: every position).
+        Returns (pages, values), both (B, n, T): add with logits.scatter_add(-1, pages, values);
+        entry j is the page at position j if that is its latest visit up to the scored position
+        (values 0 and page 0 elsewhere, so each page appears once per row). None if the model has none."""
+        if self.repeat_w is None:
+            return None
+        B, T = idx.shape
+        dev = idx.device
+        ar = torch.arange(T, device=dev)
+        same = idx[:, :, None] == idx[:, None, :]                                  # (B, T, T) symmetric
+        later = ar[None, :] > ar[:, None]                                          # [j, k]: k after j
+        again = same & later
+        nxt = torch.where(again.any(2), again.to(torch.uint8).argmax(2), T)         # (B, T) j's next visit
+        visits = (same & ~later.T).sum(1)                                          # (B, T) visits up to j
+        i = ar[None, :, None].expand(B, T, 1) if at is None else at[:, :, None]   # (B, n, 1) scored positions
+        j = ar[None, None, :]
+        live = (j <= i) & (nxt[:, None, :] > i) & (idx[:, None, :] >= N_SPECIAL)  # (B, n, T)
+        w = self.repeat_w
+        vals = w[age_bucket(i - j + 1)] + w[-1] * visits.float().log()[:, None, :]
+        pages = torch.where(live, idx[:, None, :], 0)
+        return pages, torch.where(live, vals, 0.0)
+
+    def add_repeat(self, z, idx, at):
+        """z (B, n, V) logits at positions at (B, n) of idx (B, T) -> z with the repeat term added."""
+        rep = self.repeat_terms(idx, at)
+        return z if rep is None else z.scatter_add(-1, rep[0], rep[1].to(z.dtype))
+
     def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None,
                 return_logits=True):
         """class_weight (V,): loss weight of each target class (BehaviorLM's anchor/tail weighting,
@@ -358,14 +418,18 @@ class GPT(nn.Module):
         holds the batch's plain (unweighted) NLL, for logging beside a weighted loss."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
-            return self.head(h, cluster_ids), None          # (B, T, V)
+            return self.add_repeat(self.head(h, cluster_ids), idx, None), None   # (B, T, V)
         keep = targets != -1                                # (B, T) real targets only
         rows = keep.nonzero(as_tuple=True)[0]
         cid = None if cluster_ids is None else cluster_ids[rows]
         t = targets[keep]
+        rep = self.repeat_terms(idx)
+        rep = None if rep is None else (rep[0][keep], rep[1][keep])                # (N, T)
         if not return_logits:
-            return None, self._chunked_loss(h[keep], t, cid, class_weight, logit_bias)
+            return None, self._chunked_loss(h[keep], t, cid, class_weight, logit_bias, rep)
         logits = self.head(h[keep], cid)                    # (N, V): no logits at pads
+        if rep is not None:
+            logits = logits.scatter_add(1, rep[0], rep[1].to(logits.dtype))
         z = logits.float() if logit_bias is None else logits.float() + logit_bias
         if t.numel() == 0 or (class_weight is not None and not class_weight[t].any()):
             loss = z.sum() * 0.0                           # nothing to learn here: 0, not NaN
@@ -373,7 +437,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(z, t, weight=class_weight)
         return logits, loss
 
-    def _chunked_loss(self, h, t, cid, class_weight, logit_bias):
+    def _chunked_loss(self, h, t, cid, class_weight, logit_bias, rep=None):
         """The same weighted mean cross-entropy as forward's, in bounded memory: one pass with a
         shared head, else (scope 'all') one set's head per group of rows."""
         w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
@@ -386,13 +450,15 @@ class GPT(nn.Module):
             if self.page_bias is not None:                          # each row adds its cluster's bias
                 bias = self.page_bias if logit_bias is None else self.page_bias + logit_bias
                 rows = torch.as_tensor(cid, dtype=torch.long, device=h.device)
-            total, losses = ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows)
+            total, losses = ChunkedCrossEntropy.apply(h, self.lm_head.weight, t, w, bias, grad, rows, *(rep or (None, None)))
             self.last_nll = losses.mean()
             return total / denom
         total, nll = 0.0, 0.0
         for rows, k in self._groups(cid, h.size(0)):                # 'all': each set's own head
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
-            part, losses = ChunkedCrossEntropy.apply(hk, self.lm_head.weight[k], tk, wk, logit_bias, grad)
+            rk = rep if rep is None or rows is None else (rep[0][rows], rep[1][rows])
+            part, losses = ChunkedCrossEntropy.apply(hk, self.lm_head.weight[k], tk, wk, logit_bias, grad, None,
+                                                     *(rk or (None, None)))
             total, nll = total + part, nll + losses.sum()
         self.last_nll = nll / t.numel()
         return total / denom
@@ -403,10 +469,13 @@ class GPT(nn.Module):
         stacked per-cluster gains (K, C) are not decayed)."""
         mats = {id(m.weight) for m in self.modules() if isinstance(m, (SetLinear, SetEmbedding))}
         params = [p for p in self.parameters() if p.requires_grad]
+        fast = {id(self.repeat_w)} if self.repeat_w is not None else set()
         decay = [p for p in params if id(p) in mats]
-        no_decay = [p for p in params if id(p) not in mats]
+        no_decay = [p for p in params if id(p) not in mats and id(p) not in fast]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
+        if fast:   # train.py sets each group's lr to the schedule's times its lr_scale
+            groups.append({'params': [self.repeat_w], 'weight_decay': 0.0, 'lr_scale': REPEAT_LR_SCALE})
         # fused AdamW runs on CPU and CUDA in recent PyTorch; fall back to foreach where it does not
         extra = {}
         if 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cpu', 'cuda'):
@@ -538,7 +607,7 @@ def expand_state(state, model):
     out = {}
     for name, want in model.state_dict().items():
         if name not in state:
-            if name == 'page_bias':              # a plain GPT has none: start every cluster's at 0
+            if name in ('page_bias', 'repeat_w'):   # a plain GPT / an older run has none: start at 0
                 out[name] = want
                 continue
             raise ValueError(f"{name} is missing from the checkpoint")

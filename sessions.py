@@ -166,7 +166,7 @@ def model_logp(model, device, clusters=None):
         h = model.hidden_states(idx, cid)                                  # (B, T, C)
         at = torch.as_tensor(np.maximum(lengths[:, None] - n_last + np.arange(n_last), 0), device=device)
         h = h[torch.arange(len(ctx), device=device)[:, None], at]          # (B, n_last, C) the last positions
-        z = model.head(h, cid).float()
+        z = model.add_repeat(model.head(h, cid).float(), idx, at)
         model.train(was)
         return torch.log_softmax(z.masked_fill(masked, -math.inf), dim=-1)  # (B, n_last, V)
     logp.rows_per_pass = lambda T, n_last=1: max(1, min(ROW_TOKENS // max(T, 1),

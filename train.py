@@ -93,6 +93,8 @@ n_head = 0                     # data
 n_embd = 0                     # data
 dropout = -1.0                 # data
 bias = False
+repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
+                               # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
 # AdamW
 learning_rate = 0.0            # data: peak learning rate
 max_iters = 0                  # data: from `epochs`; the time budget may shorten it
@@ -143,7 +145,9 @@ seed = 1337
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope')
+MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope',
+              'repeat_bias')
+OLDER_CHECKPOINTS = {'repeat_bias': False}   # model_args a checkpoint from before the setting lacks
 
 
 def get_lr(it, cfg, cool=None):
@@ -562,7 +566,7 @@ class Run:
         cfg = self.cfg
         if prior is not None:  # the architecture comes from the checkpoint
             for k in MODEL_KEYS:
-                cfg[k] = prior['model_args'].get(k, DEFAULTS[k])
+                cfg[k] = prior['model_args'].get(k, OLDER_CHECKPOINTS.get(k, DEFAULTS[k]))
         if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
             cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
         filled, self.derived, self.stats = fill_settings(cfg, self.data, prior, self.talk)
@@ -582,7 +586,8 @@ class Run:
         cfg = self.cfg
         self.model_args = dict(block_size=cfg['block_size'], vocab_size=self.data.vocab_size, n_layer=cfg['n_layer'],
                                n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
-                               n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'])
+                               n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'],
+                               repeat_bias=cfg['repeat_bias'])
         self.model = GPT(GPTConfig(**self.model_args)).to(self.dev)
         if ckpt is None and self.ref_model is not None:   # stage 2 starts as stage 1's model
             self.model.load_state_dict(self.ref_model.state_dict())
@@ -686,7 +691,7 @@ class Run:
         use_kl = self.ref_model is not None and cfg['kl_weight'] > 0
         lr = get_lr(self.iter_num, cfg, self.cool)
         for group in self.optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         for micro in range(ga):
             x, y, cid = self.batch(self.iter_num * ga + micro)
             self.tokens_seen += int((y != -1).sum())

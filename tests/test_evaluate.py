@@ -192,6 +192,9 @@ class StandIn(torch.nn.Module):
             logits = logits + 3.0 * torch.nn.functional.one_hot(cluster_ids + 4, logits.size(-1))
         return logits
 
+    def repeat_terms(self, idx, at=None):
+        return None                                                  # no repeat term
+
 
 def one_at_a_time(model, data, split, block_size, clusters=None):
     users, cs, ce, _ = ev.eval_set(data, split)
@@ -210,7 +213,10 @@ def test_model_scores_batched_sorted_equals_one_at_a_time(which):
     clusters = None
     if which == "gpt":
         model_mod = pytest.importorskip("model")
-        model = model_mod.GPT(model_mod.GPTConfig(block_size=block_size, vocab_size=16, n_layer=2, n_head=2, n_embd=16))
+        model = model_mod.GPT(model_mod.GPTConfig(block_size=block_size, vocab_size=16, n_layer=2, n_head=2, n_embd=16,
+                                                  repeat_bias=True))
+        with torch.no_grad():
+            model.repeat_w.copy_(torch.randn(model.repeat_w.shape))   # a repeat term that changes the ranking
     else:
         model = StandIn(16)
         clusters = np.random.default_rng(0).integers(0, 3, size=data.n_users)
@@ -232,6 +238,9 @@ def test_model_scores_batched_sorted_equals_one_at_a_time(which):
     with torch.no_grad():
         direct = model.head(model.eval().hidden_states(x, None if c is None else torch.from_numpy(c))[:, -1],
                             None if c is None else torch.from_numpy(c))
+        rep = model.repeat_terms(x, torch.tensor([[block_size - 1]]))   # the pages already in the context
+        if rep is not None:
+            direct = direct.scatter_add(1, rep[0][:, 0], rep[1][:, 0])
     assert torch.allclose(ref[i:i + 1], direct, atol=1e-5)
     # logit adjustment: ranks by logits - tau * log prior; several taus from one pass give the same
     # metrics as one call per tau

@@ -129,14 +129,17 @@ def test_single_model_is_sized_to_the_clusterwise_parameter_count():
         assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02
 
 
-@pytest.mark.parametrize("K,scope", [(1, 'all'), (3, 'all'), (3, 'blocks'), (3, 'norms')])
-def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, monkeypatch):
+@pytest.mark.parametrize("K,scope,repeat", [(1, 'all', False), (3, 'all', False), (3, 'blocks', False),
+                                             (3, 'norms', False), (1, 'all', True), (3, 'all', True), (3, 'norms', True)])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat, monkeypatch):
     import model as M
     monkeypatch.setattr(M, "LOSS_CHUNK", 2000 * 16)     # 16 rows per chunk: several chunks per set
-    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope).train()
+    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope, repeat_bias=repeat).train()
     if m.page_bias is not None:
         torch.nn.init.normal_(m.page_bias)
-    idx = torch.randint(4, 2000, (4, 16))
+    if repeat:
+        torch.nn.init.normal_(m.repeat_w)
+    idx = torch.randint(0, 30, (4, 16)) if repeat else torch.randint(4, 2000, (4, 16))   # revisits, specials
     tgt = torch.randint(4, 2000, (4, 16))
     tgt[1, 9:] = -1
     cid = torch.tensor([0, 1, 2, 1]) % K
@@ -151,6 +154,63 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, monkey
         assert abs(grads[0][0] - grads[1][0]) < 1e-5
         for a, b in zip(grads[0][1], grads[1][1]):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def brute_repeat(w, idx, b, i, V):
+    """The repeat term of row b's position i, from its definition: each page in idx[b, :i + 1] gets
+    w[bucket of the age of its latest visit] + w[-1] * log(visits); specials get nothing."""
+    import math
+    from model import age_bucket
+    z = torch.zeros(V)
+    for page in set(idx[b, :i + 1].tolist()):
+        if page < 4:
+            continue
+        at = [j for j in range(i + 1) if idx[b, j] == page]
+        z[page] = w[int(age_bucket(torch.tensor(i - at[-1] + 1)))] + w[-1] * math.log(len(at))
+    return z
+
+
+def test_repeat_term_by_age_of_latest_visit_and_visits():
+    from model import age_bucket
+    assert age_bucket(torch.tensor([1, 2, 3, 4, 5, 8, 9, 16, 17, 256, 257, 512, 513, 10 ** 6])).tolist() == \
+        [0, 1, 2, 3, 4, 4, 5, 5, 6, 9, 10, 10, 11, 11]
+    m = tiny(repeat_bias=True)
+    torch.nn.init.normal_(m.repeat_w)
+    idx = torch.randint(0, 12, (3, 14))                          # many revisits, some specials and pads
+    with torch.no_grad():
+        logits, _ = m(idx)
+        plain = m.head(m.hidden_states(idx))
+        at = torch.tensor([[13, 5], [0, 7], [3, 12]])
+        z = m.add_repeat(plain[torch.arange(3)[:, None], at], idx, at)
+    for b in range(3):
+        for i in range(14):
+            assert torch.allclose(logits[b, i] - plain[b, i], brute_repeat(m.repeat_w.detach(), idx, b, i, 37), atol=1e-5)
+        for n in range(2):
+            assert torch.allclose(z[b, n], logits[b, at[b, n]], atol=1e-5)
+    assert not tiny().state_dict().keys() & {'repeat_w'}          # off: the model of older checkpoints
+
+
+def test_repeat_term_learns_never_again_and_again():
+    """On a log where the next page is never one already seen, the repeat offsets go negative; where it
+    is always the page before last, that age's offset goes up."""
+    for rule, sign in (('never', -1), ('again', 1)):
+        m = tiny(vocab_size=40, repeat_bias=True).train()
+        opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 'cpu')
+        g = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            if rule == 'never':
+                idx = torch.stack([torch.randperm(36, generator=g)[:16] + 4 for _ in range(8)])
+            else:   # a b a b ...: the next page is the one two steps back
+                ab = torch.randint(4, 40, (8, 2), generator=g)
+                idx = ab.repeat(1, 8)
+            _, loss = m(idx[:, :-1], idx[:, 1:], return_logits=False)
+            opt.zero_grad()
+            loss.backward()
+            for group in opt.param_groups:
+                group['lr'] = 1e-2 * group.get('lr_scale', 1.0)
+            opt.step()
+        w = m.repeat_w.detach()
+        assert sign * w[1] > 0.3, (rule, w)                   # age 2: the page before last
 
 
 def test_warm_start_copies_one_set_into_every_set():
