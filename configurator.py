@@ -154,8 +154,9 @@ def usage(module, defaults):
 
 
 def run_main(run, defaults, argv, errors=()):
-    """A script's main: parse argv over `defaults`, call run(config). A ConfigError, or one of
-    `errors` (e.g. data.DataError), is printed as one line and exits with status 2, no traceback.
+    """A script's main: parse argv over `defaults`, call run(config). A ConfigError, one of
+    `errors` (e.g. data.DataError), or an OSError naming a path is printed as one line and exits
+    with status 2, no traceback; Ctrl-C prints one line and exits with 130.
     -h / --help prints the script's docstring and settings."""
     if any(a in ('-h', '--help') for a in argv):
         print(usage(sys.modules.get(run.__module__), defaults))
@@ -164,6 +165,14 @@ def run_main(run, defaults, argv, errors=()):
         return run(parse_config(defaults, argv))
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:   # files are written whole or not at all (files.py): say so, no traceback
+        print("interrupted (Ctrl-C): stopped; every file is as it was or complete, none half-written", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:        # a path that cannot be read or written: one line naming it
+        if not getattr(e, 'filename', None):
+            raise
+        print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from configurator import Progress
+from files import MARKER as MARKER_NAME
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK, PageTokenizer
 
 
@@ -182,7 +183,14 @@ def detect_format(path, user_col="user", page_col="page"):
     # read_pairs, not taken as a sign of a sequence file (which would silently make users into pages)
     n_pairs = sum(len(ln.split()) == 2 for ln in first)
     pairs = n_pairs > 0 and n_pairs >= min(len(first) - 1, 0.9 * len(first))
-    return "pairs" if pairs and not first[0].split()[0].endswith(":") else "seq"
+    if pairs or first[0].split()[0].endswith(":"):
+        return "pairs" if pairs else "seq"
+    if n_pairs >= 0.5 * len(first):   # mostly `user page` lines: a pairs file with bad lines, or sequences?
+        bad = next(i for i, ln in enumerate(first) if len(ln.split()) != 2)
+        raise DataError(f"{path}: {n_pairs} of the first {len(first)} lines have two fields, as `user page` pairs, but "
+                        f"others do not (the {bad + 1}th non-blank line has {len(first[bad].split())}): pass "
+                        "--format=pairs (bad lines are then reported) or --format=seq (one session per line)")
+    return "seq"
 
 
 def read_seq(path):
@@ -552,21 +560,20 @@ def default_session_gap(ev, fmt, split):
 
 
 def write_atomic(path, obj):
-    """Write an array (.npy or raw .bin), a list of lines, a tokenizer or a dict (JSON) via tmp + os.replace."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write an array (.npy or raw .bin), a list of lines, a tokenizer or a dict (JSON), whole or not at all."""
+    from files import atomic_output
     if isinstance(obj, PageTokenizer):
-        obj.save(tmp)
-    else:
-        with open(tmp, "wb") as f:
-            if path.endswith(".bin"):
-                obj.tofile(f)
-            elif path.endswith(".npy"):
-                np.save(f, obj)
-            elif isinstance(obj, dict):
-                f.write(json.dumps(obj, indent=1).encode())
-            else:
-                f.write(("\n".join(obj) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
+        obj.save(path)   # (its own tmp + os.replace)
+        return
+    with atomic_output(path, "wb") as f:   # complete or absent, even after a kill (files.py)
+        if path.endswith(".bin"):
+            obj.tofile(f)
+        elif path.endswith(".npy"):
+            np.save(f, obj)
+        elif isinstance(obj, dict):
+            f.write(json.dumps(obj, indent=1).encode())
+        else:
+            f.write(("\n".join(obj) + "\n").encode("utf-8"))
 
 
 FORMATS = ("events", "seq", "pairs", "inter", "ratings")   # readers above; "auto" picks one (detect_format)
@@ -714,42 +721,81 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
 
 @contextmanager
 def building(data_dir):
-    """Yield a fresh folder beside data_dir (NAME.tmpPID) to build a dataset in. On success it
-    replaces data_dir by two renames, after hard-linking in the old folder's files that are not
-    DERIVED (an input log, notes); on any failure it is removed and data_dir is left as it was.
-    A kill leaves the old folder too; the next prepare into data_dir removes the leftovers."""
+    """Yield a fresh folder beside data_dir (NAME.tmpPID, marked as ours: files.MARKER) to build a
+    dataset in. On success it replaces data_dir by two renames, after hard-linking in the old
+    folder's files that are not DERIVED (an input log, notes); on any failure it is removed and
+    data_dir is left as it was. data_dir must be new, empty or a prepared dataset (meta.json): a
+    folder of other files (a raw-data folder) is refused, never written into. One prepare per
+    folder at a time (a lock beside it). A kill leaves the old folder too (NAME.oldPID, marked); the
+    next prepare puts it back or removes it; folders not marked by us are never touched."""
+    from files import hold, release
     target = os.path.normpath(data_dir)
     if os.path.exists(target) and not os.path.isdir(target):
         raise DataError(f"{data_dir}: exists and is not a folder; choose another --out_dir")
     here = os.path.realpath(os.getcwd())
     if here == os.path.realpath(target) or here.startswith(os.path.realpath(target).rstrip(os.sep) + os.sep):
         raise DataError(f"{data_dir}: the current folder (or one above it); prepare into a folder of its own")
-    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "meta.json")) and \
-            any(e.is_dir() for e in os.scandir(target)):  # a guard against --out_dir=~ and the like
-        raise DataError(f"{data_dir}: holds folders and is not a prepared dataset; prepare into a new folder")
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)   # data/ does not exist on a fresh clone
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "meta.json")):
+        theirs = sorted(e.name for e in os.scandir(target) if e.name != MARKER_NAME)
+        if theirs:   # a raw-data folder, a home folder: its files would be overwritten or mixed in
+            raise DataError(f"{data_dir}: holds {len(theirs)} file(s) ({', '.join(theirs[:3])}"
+                            f"{', ...' if len(theirs) > 3 else ''}) and is not a prepared dataset; "
+                            "prepare into a new or empty folder")
+    parent, base = os.path.split(target)
+    os.makedirs(parent or ".", exist_ok=True)   # data/ does not exist on a fresh clone
+    from configurator import ConfigError
+    try:
+        hold(target, f"data.py preparing {data_dir}", lock=os.path.join(parent or ".", f".{base}.lock"))
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    try:
+        with swapping(data_dir, target) as tmp:
+            yield tmp
+    finally:
+        release(target)
+
+
+@contextmanager
+def swapping(data_dir, target):
+    """building's folder swap (the lock held)."""
     clean_leftovers(target)
+    from files import mark
     tmp, old = f"{target}.tmp{os.getpid()}", f"{target}.old{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier failure
+        if marked_as_ours(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)   # this process's own, from an earlier failure
         os.makedirs(tmp)
+        mark(tmp, f"a dataset being prepared for {target}")
         yield tmp
         if os.path.isdir(target):
             for name in os.listdir(target):
-                if name not in DERIVED and ".tmp" not in name and not os.path.lexists(os.path.join(tmp, name)):
+                if name not in DERIVED and ".tmp" not in name and name != MARKER_NAME \
+                        and not os.path.lexists(os.path.join(tmp, name)):
                     carry(os.path.join(target, name), os.path.join(tmp, name))
+            mark(target, f"the previous dataset of {target}, replaced")   # it becomes NAME.oldPID: ours
             os.rename(target, old)
         os.rename(tmp, target)
+        os.remove(os.path.join(target, MARKER_NAME))   # a dataset now, no longer ours to remove
     except BaseException as e:
         if os.path.isdir(old) and not os.path.exists(target):
             os.rename(old, target)  # failed between the two renames: put the old folder back
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(os.path.join(target, MARKER_NAME)):
+            os.remove(os.path.join(target, MARKER_NAME))
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, a read-only folder, a file size limit
             where = f" {e.filename}" if e.filename else ""
             raise DataError(f"{data_dir}: cannot write the dataset ({e.strerror or one_line(e)}{where}); "
                             "the previous dataset is unchanged") from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if marked_as_ours(old):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def marked_as_ours(folder):
+    """Was `folder` made (or set aside) by a prepare of this project? Only such folders are removed."""
+    from files import marked_by
+    return os.path.isdir(folder) and marked_by(folder) is not None
 
 
 def carry(src, dst):
@@ -768,28 +814,31 @@ def carry(src, dst):
 
 
 def clean_leftovers(target):
-    """Remove NAME.tmpPID / NAME.oldPID folders of a killed prepare (their process is gone); an
-    old folder whose swap was cut between its two renames is put back first."""
-    parent, base = os.path.split(target)
-    for name in os.listdir(parent or "."):
-        kind, pid = name[len(base):len(base) + 4], name[len(base) + 4:]
-        if not name.startswith(base) or kind not in (".tmp", ".old") or not pid.isdigit() or alive(int(pid)):
+    """What a killed prepare left beside target: NAME.tmpPID / NAME.oldPID folders that carry our
+    marker and whose process is gone. An old folder whose swap was cut between its two renames is
+    put back first; the rest are removed. A folder without the marker (a user's
+    NAME.old20241130 backup) is never touched, whatever its name."""
+    from files import alive, marked_by
+    for path, kind, pid in leftovers(target):
+        if marked_by(path) != pid or alive(pid):
             continue
-        path = os.path.join(parent, name)
         if kind == ".old" and not os.path.exists(target):
+            os.remove(os.path.join(path, MARKER_NAME))
             os.rename(path, target)
+            print(f"{target}: put back from {path}, where a killed prepare had left it")
         else:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, another user's
-        pass
-    return True
+def leftovers(target):
+    """[(path, '.tmp' or '.old', pid)] of the folders beside target named like a prepare's."""
+    parent, base = os.path.split(os.path.normpath(target))
+    out = []
+    for name in os.listdir(parent or ".") if os.path.isdir(parent or ".") else []:
+        kind, pid = name[len(base):len(base) + 4], name[len(base) + 4:]
+        if name.startswith(base) and kind in (".tmp", ".old") and pid.isdigit():
+            out.append((os.path.join(parent, name), kind, int(pid)))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -803,6 +852,11 @@ class BehaviorData:
         self.data_dir = data_dir
         path = lambda name: os.path.join(data_dir, name)
         if not os.path.isfile(path("meta.json")):
+            from files import marked_by
+            swapped = [p for p, kind, pid in leftovers(data_dir) if kind == ".old" and marked_by(p) == pid]
+            if swapped and not os.path.exists(data_dir):   # a prepare killed between its two renames
+                raise DataError(f"{data_dir}: missing; a prepare killed while swapping it left the dataset in "
+                                f"{swapped[0]}: rename that back, or prepare again (data.py puts it back)")
             raise DataError(f"{data_dir}: not a prepared dataset (no meta.json); "
                             f"run `python data.py INPUT --out_dir={data_dir}` or `python data.py --builtin`")
         self.meta = meta = read_json(path("meta.json"))
@@ -1128,9 +1182,15 @@ def make_builtin(data_dir="data/builtin", seed=1337, n_users=5000, n_items=N_ITE
 
 
 def ensure_builtin(data_dir="data/builtin"):
-    if not (os.path.isfile(os.path.join(data_dir, "meta.json")) and os.path.isfile(os.path.join(data_dir, "segments.npy"))):
+    """The built-in dataset at data_dir, generated on first use. A dataset prepared there from
+    another log (no segments.npy) is the user's: used as it is, never replaced."""
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         print(f"building the built-in dataset into {data_dir} ...")
         print(summary(make_builtin(data_dir)))
+    elif not os.path.isfile(os.path.join(data_dir, "segments.npy")):
+        source = read_json(os.path.join(data_dir, "meta.json")).get("source")
+        print(f"note: {data_dir} holds a dataset prepared from {source}, not the built-in shop: using it as it is "
+              f"(python data.py --builtin --out_dir=data/shop makes the shop elsewhere)")
     return load_data(data_dir)
 
 

@@ -370,6 +370,12 @@ def main(argv=None):
                 raise DataError(f"{args.ckpt} was trained on another vocabulary than {data.data_dir}")
     except (DataError, ConfigError) as e:   # a bad dataset, checkpoint (model.CheckpointError) or --device
         sys.exit(f"error: {e}")
+    session_task = args.task == "session" or (args.task == "auto" and data.split == "session")
+    if args.outcome and not session_task:
+        sys.exit(f"error: --outcome={args.outcome}: scored on the session task only, and {data.data_dir} was prepared "
+                 f"with --split={data.split} (prepare it with --split=session, or leave --outcome out)")
+    if args.outcome and data.tokenizer.page_id(args.outcome) == UNK:
+        sys.exit(f"error: --outcome={args.outcome}: no such page in the vocabulary of {data.data_dir}")
     if not args.baselines_only:
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
@@ -392,7 +398,7 @@ def main(argv=None):
             else:
                 print(f"  {label} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
                       f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
-    if args.task == "session" or (args.task == "auto" and data.split == "session"):
+    if session_task:
         import sessions
         methods = {} if args.baselines_only else {"model": sessions.model_logp(model, device, uc)}
         methods.update({"markov": sessions.markov_logp(data), "most-popular": sessions.popular_logp(data)})

@@ -85,8 +85,13 @@ def run_train(cfg, name, last=False, **over):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """done.json's settings, or None where it cannot be read (cut short: the run is trained again)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        print(f"note: {path} is not readable JSON (cut short?): that run is trained again")
+        return None
 
 
 def cluster_round(cfg, name, labels, init, k):

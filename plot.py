@@ -48,15 +48,19 @@ def read_log(path):
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (train.py writes it; runs older than it have none)")
     out = {'train': {}, 'val': {}}
-    with open(path, encoding='utf-8') as f:
+    need = {'train': ('train_nll',), 'val': ('nll', 'ndcg@10')}   # what the figures draw
+    with open(path, encoding='utf-8', errors='replace') as f:     # a binary line: reported below, not a traceback
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
                 out[r['kind']][int(r['iter'])] = r
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise ConfigError(f"{path}:{n}: not a metrics record") from None
+            gone = [k for k in need[r['kind']] if not isinstance(r.get(k), (int, float))]
+            if gone:
+                raise ConfigError(f"{path}:{n}: a {r['kind']} record without {', '.join(gone)} (not written by train.py?)")
     return {k: [v[i] for i in sorted(v)] for k, v in out.items()}
 
 

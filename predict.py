@@ -166,29 +166,24 @@ def read_histories(path):
 
 
 def write_predictions(path, users, ranked, pages, n_rows):
-    """Write (i, ids, probs) rows as CSV or JSONL to path via a temporary file; returns rows written."""
+    """Write (i, ids, probs) rows as CSV or JSONL to path, which appears only when complete (a kill or
+    an error leaves no file: files.atomic_output); returns rows written."""
     import csv
     import json
-    tmp = f"{path}.tmp{os.getpid()}"
+    from files import atomic_output
     n = 0
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            if path.endswith('.jsonl'):
-                for i, ids, probs in ranked:
-                    f.write(json.dumps({'user': users[i], 'pages': [pages[t] for t in ids],
-                                        'probs': [round(float(p), 6) for p in probs]}) + '\n')
-                    n += 1
-            else:
-                w = csv.writer(f)
-                w.writerow(['user', 'rank', 'page', 'prob'])
-                for i, ids, probs in ranked:
-                    w.writerows((users[i], r, pages[t], f"{p:.6g}") for r, (t, p) in enumerate(zip(ids, probs), 1))
-                    n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path, newline='') as f:
+        if path.endswith('.jsonl'):
+            for i, ids, probs in ranked:
+                f.write(json.dumps({'user': users[i], 'pages': [pages[t] for t in ids],
+                                    'probs': [round(float(p), 6) for p in probs]}) + '\n')
+                n += 1
+        else:
+            w = csv.writer(f)
+            w.writerow(['user', 'rank', 'page', 'prob'])
+            for i, ids, probs in ranked:
+                w.writerows((users[i], r, pages[t], f"{p:.6g}") for r, (t, p) in enumerate(zip(ids, probs), 1))
+                n += 1
     return n
 
 
@@ -205,6 +200,10 @@ def run(cfg):
         raise ConfigError(f"--output={target}: expected a .csv or .jsonl file name")
     if os.path.dirname(target) and not os.path.isdir(os.path.dirname(target)):
         raise ConfigError(f"--output={target}: folder {os.path.dirname(target)} does not exist")
+    if os.path.isdir(target):
+        raise ConfigError(f"--output={target}: is a folder; name a .csv or .jsonl file")
+    if not os.access(os.path.dirname(target) or '.', os.W_OK):
+        raise ConfigError(f"--output={target}: cannot write in folder {os.path.dirname(target) or '.'}")
     t0 = time.time()
     p = Predictor(path, cfg['device'])
     if cfg['histories']:

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, Progress, run_main
+from files import atomic_output, hold, release
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
@@ -235,13 +236,10 @@ class BatchSchedule:
 def save_atomic(obj, path):
     """torch.save to a temporary file of this process, then os.replace: a crash or a full disk never
     leaves a torn checkpoint, and two writers never share a temporary file."""
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path, "wb") as f:   # an unnamed file until complete: a kill leaves nothing
+            torch.save(obj, f)
     except (OSError, RuntimeError) as e:   # torch reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise ConfigError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
                           "the previous one is unchanged") from None
 
@@ -340,8 +338,14 @@ def load_clusters(cfg, data):
     if not os.path.isfile(path):
         raise ConfigError(f"--n_clusters={cfg['n_clusters']} needs a user -> cluster assignment at {path}: "
                           f"run python cluster.py --data_dir={cfg['data_dir']} --k={cfg['n_clusters']}")
-    c = np.load(path).astype(np.int64)
-    if c.shape != (data.n_users,) or c.min() < 0 or c.max() >= cfg['n_clusters']:
+    try:
+        c = np.load(path, allow_pickle=False)   # a pickled object is refused: loading it could run code
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{path}: not a .npy array of cluster ids ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not np.issubdtype(c.dtype, np.integer) or c.shape != (data.n_users,):
+        raise ConfigError(f"{path}: expected {data.n_users:,} integer cluster ids, got {c.dtype} of shape {c.shape}")
+    c = c.astype(np.int64)
+    if c.min() < 0 or c.max() >= cfg['n_clusters']:
         raise ConfigError(f"{path}: expected {data.n_users:,} cluster ids in [0, {cfg['n_clusters']}), "
                           f"got shape {c.shape}, range [{c.min()}, {c.max()}]")
     return c
@@ -463,12 +467,19 @@ def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns the final report's results (the first
     process, with final_eval on; None otherwise)."""
-    if settings_search.applies(cfg):   # stage 1 with room in the budget: settings chosen on validation
-        run, stop = settings_search.run(cfg, Run)
-    else:
-        run = Run(cfg)
-        stop = run.fit()
-    return run.finish(stop)
+    first = int(os.environ.get('RANK', 0)) == 0
+    if first:   # one writer per out folder (files.hold): a second train.py there is refused
+        hold(cfg['out_dir'], f"train.py --stage={cfg['stage']}")
+    try:
+        if settings_search.applies(cfg):   # stage 1 with room in the budget: settings chosen on validation
+            run, stop = settings_search.run(cfg, Run)
+        else:
+            run = Run(cfg)
+            stop = run.fit()
+        return run.finish(stop)
+    finally:
+        if first:
+            release(cfg['out_dir'])
 
 
 class Run:
@@ -493,10 +504,10 @@ class Run:
         self.data = self.load_data()
         self.stage_dir = os.path.join(cfg['out_dir'], f"stage{cfg['stage']}")
         self.ckpt_path, self.best_path = (os.path.join(self.stage_dir, f) for f in ('ckpt.pt', 'best.pt'))
-        if self.master:
-            claim_stage_dir(self.stage_dir, cfg)
+        self.replaced = claim_stage_dir(self.stage_dir, cfg) if self.master else []
         ckpt, self.ref_model, stage1 = self.runs_we_continue()
         self.choose_settings(prior=ckpt or stage1)
+        self.planned_iters = cfg['max_iters']   # the plan before the time budget or a cooldown moves its end
         self.build_model(ckpt)
         self.training_targets()
         self.restore(ckpt)
@@ -522,6 +533,12 @@ class Run:
             if self.ddp:
                 torch.distributed.barrier()
         data = load_data(cfg['data_dir'])
+        if data.vocab_size <= 4:
+            raise ConfigError(f"{cfg['data_dir']}: its vocabulary holds no page (only the special tokens); "
+                              "prepare it again from a log with events")
+        if not (np.asarray(data.val_pos) >= 0).any():
+            raise ConfigError(f"{cfg['data_dir']}: no user has a validation and a test target (each needs at least 3 "
+                              f"{'sessions' if data.split == 'session' else 'events'}), so nothing can be validated")
         a = data.meta['anchor']
         if cfg['best_metric'] == 'auto':  # hmean needs both anchor and tail targets to exist
             both = 0 < a['n_anchors'] < data.vocab_size - 4
@@ -621,6 +638,7 @@ class Run:
         self.iter_num, self.best_val, self.best_metrics, self.best_iter, self.elapsed_before = 0, None, {}, 0, 0.0
         self.best_users = None        # per-user best_metric at the best validation (search.py compares runs)
         self.search = None            # the settings search this run won (search.py), stored in checkpoints
+        self.finished = None          # why training ended (a resume then only finishes the report)
         # early stopping looks at two things: best_metric, and validation NLL, which is far less noisy
         # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
         # evaluations of the same model); a run stops only when neither improved for `patience` of them
@@ -635,6 +653,7 @@ class Run:
         self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
         self.cool = ckpt.get('cooldown')
         self.search = ckpt.get('search')
+        self.finished = ckpt.get('finished')
         self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].numpy()
         torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
         if self.talk:
@@ -754,7 +773,7 @@ class Run:
             'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
             'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
             'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
-            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search,
+            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'finished': self.finished,
             'best_users': None if self.best_users is None else torch.from_numpy(np.asarray(self.best_users, np.float32)),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
@@ -850,6 +869,17 @@ class Run:
         (None: it ran its iterations). pause_at (a multiple of eval_interval): return None at that
         iteration, validated and saved, with the run's clock stopped; fit() again goes on (search.py)."""
         cfg = self.cfg
+        more = self.finished == RAN and self.iter_num < cfg['max_iters']   # resumed with a larger --max_iters
+        if self.finished is not None and not more:   # resumed after training had ended (a kill in the report)
+            if self.master:
+                print(f"{self.ckpt_path}: training had ended ({self.finished}); only the report is left "
+                      f"(to train on, start a new run with --init_from={self.ckpt_path})")
+            return None if self.finished == RAN else self.finished
+        self.finished = None
+        for path in self.replaced:      # --overwrite=True: the old run goes once this one can start
+            if os.path.isfile(path):
+                os.remove(path)
+        self.replaced = []
         self.t_start = time.time()                       # the clock runs while this run trains
         torch.set_rng_state(self.rng_state)              # and its own random stream (search.py interleaves runs)
         self.eval_secs, step_secs, stop = [], [], None   # validation and step times: the budget plans with them
@@ -890,6 +920,10 @@ class Run:
                 self.save(self.ckpt_path)
         self.elapsed_before, self.t_start = self.elapsed(), None   # the clock stops between fits
         self.rng_state = torch.get_rng_state()
+        if pause_at is None or self.iter_num < pause_at:  # training has ended: a resume only reports
+            moved = cfg['max_iters'] != self.planned_iters   # the time budget or a cooldown moved the end
+            self.finished = stop or (f"its end was moved to iteration {self.iter_num:,}" if moved else RAN)
+            self.save(self.ckpt_path)
         return stop
 
     def finish(self, stop):
@@ -934,19 +968,27 @@ def wants_cooldown(cfg, best_iter):
     return cfg['stage'] == 1 and cfg['cooldown'] > 0 and get_lr(best_iter, cfg) > 2 * cfg['min_lr']
 
 
+RAN = 'ran its iterations'   # Run.finished of a run that ended where it was planned to
+
+
 def claim_stage_dir(stage_dir, cfg):
     """A new run never replaces another run's checkpoints unless told to (--overwrite=True): it
-    refuses with one line naming the ways on. --init_from=resume continues the run there."""
+    refuses with one line naming the ways on. --init_from=resume continues the run there. Returns
+    the old run's files, which fit() removes once the new run has started (set-up done: a setting
+    that fails at start-up leaves them), so no file mixes two runs."""
     os.makedirs(stage_dir, exist_ok=True)
     held = [f for f in ('ckpt.pt', 'best.pt') if os.path.isfile(os.path.join(stage_dir, f))]
     if cfg['init_from'] == 'resume':
-        return
+        return []
     if held and not cfg['overwrite']:
         raise ConfigError(f"{stage_dir} holds another run ({', '.join(held)}); continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or choose another --out_dir")
-    for f in ('ckpt.pt', 'best.pt', 'results.json', 'metrics.jsonl'):   # the old run goes: no file mixes two runs
-        if os.path.isfile(os.path.join(stage_dir, f)):                   # (a log alone: a run stopped before
-            os.remove(os.path.join(stage_dir, f))                        #  its first checkpoint)
+    old = [os.path.join(stage_dir, f) for f in ('ckpt.pt', 'best.pt', 'results.json', 'metrics.jsonl')]
+    start = os.path.realpath(cfg['init_from']) if cfg['init_from'] != 'scratch' else None
+    if start in {os.path.realpath(p) for p in old if os.path.isfile(p)}:
+        raise ConfigError(f"--init_from={cfg['init_from']} --overwrite=True: the run would replace its own starting "
+                          f"point; copy it out of {stage_dir} first, or choose another --out_dir")
+    return [p for p in old if os.path.isfile(p)]
 
 
 def log_metrics(stage_dir, record):

@@ -41,10 +41,10 @@ def test_metrics_log_and_every_plot(tmp_path):
 def test_resumed_iterations_keep_their_last_record(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text("\n".join(json.dumps(r) for r in [
-        {'kind': 'val', 'iter': 10, 'nll': 3.0}, {'kind': 'val', 'iter': 20, 'nll': 2.0},
-        {'kind': 'val', 'iter': 20, 'nll': 1.5}]) + "\n")
+        {'kind': 'val', 'iter': 10, 'nll': 3.0, 'ndcg@10': 0.1}, {'kind': 'val', 'iter': 20, 'nll': 2.0, 'ndcg@10': 0.2},
+        {'kind': 'val', 'iter': 20, 'nll': 1.5, 'ndcg@10': 0.3}]) + "\n")
     assert [r['nll'] for r in plot.read_log(str(path))['val']] == [3.0, 1.5]
-    path.write_text('{"kind": "val", "iter": 1}\nnot json\n')
+    path.write_text('{"kind": "val", "iter": 1, "nll": 2.0, "ndcg@10": 0.1}\nnot json\n')
     with pytest.raises(ConfigError, match=r'metrics.jsonl:2: not a metrics record'):
         plot.read_log(str(path))
 
