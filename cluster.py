@@ -306,7 +306,7 @@ def refine_step(cfg, data):
     """One round of HeTLM's endogenous refinement: reassign users by lowest NLL over the sets of
     a trained clusterwise checkpoint, write clusters.npy; then retrain (train.py --n_clusters=K)."""
     from configurator import ConfigError
-    from data import write_atomic
+    from data import write_atomic, writing
     from model import load_checkpoint, resolve_device
     if not os.path.isfile(cfg['refine']):
         raise ConfigError(f"--refine={cfg['refine']}: no checkpoint there")
@@ -331,8 +331,9 @@ def refine_step(cfg, data):
     if data.segments is not None:
         info['ari_segments'] = adjusted_rand_index(labels, data.segments)
         print(f"adjusted Rand index against the true segments: {info['ari_segments']:.4f}")
-    write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
-    write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)   # describes the file it sits beside
+    with writing(cfg['data_dir'], 'cluster.py'):   # not while data.py prepares the folder again
+        write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
+        write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)   # describes the file it sits beside
     print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')} and clusters.json; retrain with "
           f"python train.py --data_dir={cfg['data_dir']} --n_clusters={model.config.n_clusters}"
           + ("; under 1% moved: converged" if moved < 0.01 * len(labels) else ""))
@@ -341,7 +342,7 @@ def refine_step(cfg, data):
 
 def run(cfg):
     from configurator import ConfigError
-    from data import ensure_builtin, load_data, write_atomic
+    from data import ensure_builtin, load_data, write_atomic, writing
 
     for key in ('k', 'dim', 'n_init', 'max_iter', 'batch_tokens'):
         if cfg[key] < 1:
@@ -392,8 +393,9 @@ def run(cfg):
               f"{info['ari_segments']:.4f}")
     info['seconds'] = round(time.time() - t0, 2)
     info['created'] = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
-    write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)
+    with writing(cfg['data_dir'], 'cluster.py'):   # not while data.py prepares the folder again
+        write_atomic(os.path.join(cfg['data_dir'], 'clusters.npy'), labels)
+        write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)
     print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')} and clusters.json")
     return labels, info
 

@@ -69,6 +69,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -728,7 +729,6 @@ def building(data_dir):
     folder of other files (a raw-data folder) is refused, never written into. One prepare per
     folder at a time (a lock beside it). A kill leaves the old folder too (NAME.oldPID, marked); the
     next prepare puts it back or removes it; folders not marked by us are never touched."""
-    from files import hold, release
     target = os.path.normpath(data_dir)
     if os.path.exists(target) and not os.path.isdir(target):
         raise DataError(f"{data_dir}: exists and is not a folder; choose another --out_dir")
@@ -743,14 +743,27 @@ def building(data_dir):
                             "prepare into a new or empty folder")
     parent, base = os.path.split(target)
     os.makedirs(parent or ".", exist_ok=True)   # data/ does not exist on a fresh clone
-    from configurator import ConfigError
-    try:
-        hold(target, f"data.py preparing {data_dir}", lock=os.path.join(parent or ".", f".{base}.lock"))
-    except ConfigError as e:
-        raise DataError(str(e)) from None
-    try:
+    with writing(data_dir, f"data.py preparing {data_dir}"):
         with swapping(data_dir, target) as tmp:
             yield tmp
+
+
+@contextmanager
+def writing(data_dir, what):
+    """Hold a dataset folder's one-writer lock (the file .NAME.nanobehavior.lock beside it: the folder is
+    swapped by a prepare) while a block writes there: data.py, cluster.py."""
+    from configurator import ConfigError
+    from files import hold, release
+    target = os.path.normpath(data_dir)
+    parent, base = os.path.split(target)
+    try:
+        hold(target, what, lock=os.path.join(parent or ".", f".{base}.nanobehavior.lock"))
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:   # the folder above cannot be written
+        raise DataError(f"{data_dir}: cannot write beside it ({e.strerror or one_line(e)}: {e.filename})") from None
+    try:
+        yield
     finally:
         release(target)
 
@@ -769,8 +782,8 @@ def swapping(data_dir, target):
         yield tmp
         if os.path.isdir(target):
             for name in os.listdir(target):
-                if name not in DERIVED and ".tmp" not in name and name != MARKER_NAME \
-                        and not os.path.lexists(os.path.join(tmp, name)):
+                if name not in DERIVED and not re.search(r"\.tmp\d+(\.[0-9a-f]{8})?$", name) and name != MARKER_NAME \
+                        and not os.path.lexists(os.path.join(tmp, name)):   # (a write of a killed process)
                     carry(os.path.join(target, name), os.path.join(tmp, name))
             mark(target, f"the previous dataset of {target}, replaced")   # it becomes NAME.oldPID: ours
             os.rename(target, old)
@@ -823,8 +836,8 @@ def clean_leftovers(target):
         if marked_by(path) != pid or alive(pid):
             continue
         if kind == ".old" and not os.path.exists(target):
-            os.remove(os.path.join(path, MARKER_NAME))
-            os.rename(path, target)
+            os.rename(path, target)                       # first back, then no longer ours to remove
+            os.remove(os.path.join(target, MARKER_NAME))
             print(f"{target}: put back from {path}, where a killed prepare had left it")
         else:
             shutil.rmtree(path, ignore_errors=True)

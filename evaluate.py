@@ -328,6 +328,12 @@ def format_table(results, columns=COLUMNS):
     lines.append("  ".join(f"n={n:,} examples, <unk> targets {unk:.2%} (counted as misses)" for n, unk in sizes))
     return "\n".join(lines)
 
+def fail(message):
+    """One line on stderr and exit status 2, as every script's errors (configurator.run_main)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="full-ranking next-page evaluation")
     p.add_argument("--ckpt", default="out/stage1/best.pt")      # checkpoint to evaluate
@@ -351,7 +357,7 @@ def main(argv=None):
     if not args.baselines_only and not os.path.exists(args.ckpt):
         sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
     if args.max_users < 0 or args.batch_size < 1 or args.outcome_samples < 1 or args.max_len < 0 or args.drop_first < 0:
-        sys.exit(f"error: --max_users={args.max_users} --batch_size={args.batch_size} --outcome_samples="
+        fail(f"--max_users={args.max_users} --batch_size={args.batch_size} --outcome_samples="
                  f"{args.outcome_samples} --max_len={args.max_len}: need max_users >= 0 (0: every user), drop_first >= 0, "
                  "batch_size >= 1, outcome_samples >= 1, max_len >= 0 (0: from the data)")
     from configurator import ConfigError
@@ -369,13 +375,13 @@ def main(argv=None):
             if ckpt["tokenizer"]["pages"] != list(data.tokenizer.pages):
                 raise DataError(f"{args.ckpt} was trained on another vocabulary than {data.data_dir}")
     except (DataError, ConfigError) as e:   # a bad dataset, checkpoint (model.CheckpointError) or --device
-        sys.exit(f"error: {e}")
+        fail(f"{e}")
     session_task = args.task == "session" or (args.task == "auto" and data.split == "session")
     if args.outcome and not session_task:
-        sys.exit(f"error: --outcome={args.outcome}: scored on the session task only, and {data.data_dir} was prepared "
+        fail(f"--outcome={args.outcome}: scored on the session task only, and {data.data_dir} was prepared "
                  f"with --split={data.split} (prepare it with --split=session, or leave --outcome out)")
     if args.outcome and data.tokenizer.page_id(args.outcome) == UNK:
-        sys.exit(f"error: --outcome={args.outcome}: no such page in the vocabulary of {data.data_dir}")
+        fail(f"--outcome={args.outcome}: no such page in the vocabulary of {data.data_dir}")
     if not args.baselines_only:
         uc = None if ckpt.get("clusters") is None else ckpt["clusters"].numpy()   # clusterwise: each user's set
         results["model"] = evaluate_model(model, data, args.split, model.config.block_size, device,
@@ -407,7 +413,7 @@ def main(argv=None):
             res = sessions.evaluate_sessions(data, args.split, methods, args.max_users or None, args.seed,
                                              args.max_len or None, args.outcome or None, args.outcome_samples)
         except DataError as e:
-            sys.exit(f"error: {e}")
+            fail(f"{e}")
         print(sessions.session_table(res, uc))
     print(f"split={args.split}, {time.time() - t0:.1f}s")
 

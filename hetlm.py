@@ -40,6 +40,7 @@ import cluster
 import train
 from configurator import ConfigError, run_main
 from data import DataError, ensure_builtin, load_data, write_atomic
+from files import hold, release
 from evaluate import evaluate_model, per_user_by_cluster
 from recipe import data_stats, derive, describe
 from model import GPTConfig, count_params, load_checkpoint, matched_single_config, resolve_device
@@ -165,7 +166,15 @@ def run(cfg):
         cfg['best_metric'] = 'session_nll'   # the session task: checkpoints by the held-out session's NLL
     if k_list[-1] > data.n_users:
         raise ConfigError(f"--ks={cfg['ks']}: more clusters than the {data.n_users:,} users")
-    os.makedirs(cfg['out_dir'], exist_ok=True)
+    hold(cfg['out_dir'], 'hetlm.py')   # one writer per out folder (files.py): its runs live under it
+    try:
+        return pipeline(cfg, data, k_list, t_start)
+    finally:
+        release(cfg['out_dir'])
+
+
+def pipeline(cfg, data, k_list, t_start):
+    """run's steps 1-5, the out folder held."""
     dev = resolve_device(cfg['device'])
 
     # 1. the shared model, the starting point of every parameter set

@@ -495,6 +495,7 @@ class Run:
 
     def __init__(self, cfg, verbose=True):
         check_config(cfg)
+        self.asked = dict(cfg)              # the settings as given (before the rules fill them)
         self.cfg = cfg = dict(cfg)
         self.ddp, self.rank, self.world, self.dev = setup_distributed(cfg)
         self.master = self.rank == 0
@@ -639,6 +640,8 @@ class Run:
         self.best_users = None        # per-user best_metric at the best validation (search.py compares runs)
         self.search = None            # the settings search this run won (search.py), stored in checkpoints
         self.finished = None          # why training ended (a resume then only finishes the report)
+        self.ended_before = None      # the same, from the checkpoint a resume starts from
+        self.max_iters_before = 0     # and the --max_iters that run was given (0: from the data)
         # early stopping looks at two things: best_metric, and validation NLL, which is far less noisy
         # than a ranking metric on eval_users users (NDCG@10 on 2,000 users moves by ~0.01 between
         # evaluations of the same model); a run stops only when neither improved for `patience` of them
@@ -653,7 +656,8 @@ class Run:
         self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
         self.cool = ckpt.get('cooldown')
         self.search = ckpt.get('search')
-        self.finished = ckpt.get('finished')
+        self.finished = self.ended_before = ckpt.get('finished')
+        self.max_iters_before = ckpt.get('asked_max_iters', 0)
         self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].numpy()
         torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
         if self.talk:
@@ -774,6 +778,7 @@ class Run:
             'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
             'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
             'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'finished': self.finished,
+            'asked_max_iters': self.asked['max_iters'],
             'best_users': None if self.best_users is None else torch.from_numpy(np.asarray(self.best_users, np.float32)),
             'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
             'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
@@ -863,19 +868,27 @@ class Run:
                        f"{cfg['min_lr']:.2e}")
         return None
 
+    def asks_for_more(self, ended):
+        """Does a resume of a run whose training had ended ask for more: iterations beyond where it
+        ended, by a plan it ran to its end, or by an explicit --max_iters other than the one it had?"""
+        more = self.iter_num < self.cfg['max_iters']
+        if ended == RAN:
+            return more
+        return more and self.asked['max_iters'] > 0 and self.asked['max_iters'] != self.max_iters_before
+
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self, pause_at=None):
         """Train until max_iters, early stopping or the time budget; returns why it stopped early
         (None: it ran its iterations). pause_at (a multiple of eval_interval): return None at that
         iteration, validated and saved, with the run's clock stopped; fit() again goes on (search.py)."""
         cfg = self.cfg
-        more = self.finished == RAN and self.iter_num < cfg['max_iters']   # resumed with a larger --max_iters
-        if self.finished is not None and not more:   # resumed after training had ended (a kill in the report)
+        ended = self.ended_before    # a resumed run whose training had ended (killed in its report)
+        if ended is not None and not self.asks_for_more(ended):
             if self.master:
-                print(f"{self.ckpt_path}: training had ended ({self.finished}); only the report is left "
-                      f"(to train on, start a new run with --init_from={self.ckpt_path})")
-            return None if self.finished == RAN else self.finished
-        self.finished = None
+                print(f"{self.ckpt_path}: training had ended ({ended}); only the report is left (an explicit "
+                      f"--max_iters above {self.iter_num:,} trains on)")
+            return None if ended == RAN else ended
+        self.ended_before = self.finished = None
         for path in self.replaced:      # --overwrite=True: the old run goes once this one can start
             if os.path.isfile(path):
                 os.remove(path)
@@ -984,10 +997,11 @@ def claim_stage_dir(stage_dir, cfg):
         raise ConfigError(f"{stage_dir} holds another run ({', '.join(held)}); continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or choose another --out_dir")
     old = [os.path.join(stage_dir, f) for f in ('ckpt.pt', 'best.pt', 'results.json', 'metrics.jsonl')]
-    start = os.path.realpath(cfg['init_from']) if cfg['init_from'] != 'scratch' else None
-    if start in {os.path.realpath(p) for p in old if os.path.isfile(p)}:
-        raise ConfigError(f"--init_from={cfg['init_from']} --overwrite=True: the run would replace its own starting "
-                          f"point; copy it out of {stage_dir} first, or choose another --out_dir")
+    inside = os.path.realpath(stage_dir) + os.sep
+    for key in ('init_from', 'stage1_ckpt'):   # a start inside the folder the new run clears (search/ too)
+        if cfg.get(key) and cfg[key] != 'scratch' and os.path.realpath(cfg[key]).startswith(inside):
+            raise ConfigError(f"--{key}={cfg[key]} --overwrite=True: the run would remove its own starting point; "
+                              f"copy it out of {stage_dir} first, or choose another --out_dir")
     return [p for p in old if os.path.isfile(p)]
 
 
@@ -1095,10 +1109,8 @@ def final_report(best_path, data, cfg, dev, stage_dir, search=None):
         res = sessions.evaluate_sessions(data, 'test', methods, seed=cfg['seed'], progress=lambda *_: None)
         print(sessions.session_table(res, uc))
         results['test_sessions'] = sessions.summary(res)
-    path = os.path.join(stage_dir, 'results.json')
-    with open(f"{path}.tmp{os.getpid()}", 'w') as f:
+    with atomic_output(os.path.join(stage_dir, 'results.json')) as f:   # whole or absent, even after a kill
         json.dump(plain(results), f, indent=1)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
     return results
 
 

@@ -33,10 +33,9 @@ LOG = "".join(f"u{u} p{(u * 7 + i) % 9}\n" for u in range(30) for i in range(6))
 
 
 def snapshot(root):
-    """Every file's hash under root, but the one-writer lock files (out/.lock, .NAME.lock beside a
-    dataset: their text names the last holder)."""
-    lock = lambda k: os.path.basename(k) == ".lock" or (os.path.basename(k).startswith(".") and k.endswith(".lock"))
-    return {k: v for k, v in full_snapshot(root).items() if not lock(k)}
+    """Every file's hash under root, but the one-writer lock files of a process still running or
+    killed (a normal end removes them: test_no_lock_file_is_left)."""
+    return {k: v for k, v in full_snapshot(root).items() if not k.endswith(files.LOCK)}
 
 
 def outside(t, name="out"):
@@ -178,13 +177,12 @@ def two_prepares_into_one_folder(t, w, capsys):
         f.write(LOG)
     before = snapshot(t)
     holder = subprocess.Popen([sys.executable, "-c", f"import files, time; files.hold({t + '/ds'!r}, 'data.py', "
-                               f"lock={t + '/.ds.lock'!r}); print('held', flush=True); time.sleep(120)"],
+                               f"lock={t + '/.ds' + files.LOCK!r}); print('held', flush=True); time.sleep(120)"],
                               cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT})
     try:
         assert holder.stdout.readline().strip() == b"held"
         code, err = invoke(data.main, [f"{t}/log.txt", f"--out_dir={t}/ds"], capsys)
-        assert {k: v for k, v in snapshot(t).items() if k != ".ds.lock"} == \
-            {k: v for k, v in before.items() if k != ".ds.lock"}
+        assert snapshot(t) == before
     finally:
         holder.kill()
         holder.wait()
@@ -385,9 +383,9 @@ ROWS = [   # (row, exit code, a fragment of the one line)
     (train_on_a_vocabulary_without_pages, 2, "holds no page"),
     (train_on_a_dataset_without_evaluable_users, 2, "no user has a validation and a test target"),
     (clusters_file_holding_a_pickle, 2, "not a .npy array of cluster ids"),
-    (evaluate_outcome_on_a_page_split, 1, "scored on the session task only"),
+    (evaluate_outcome_on_a_page_split, 2, "scored on the session task only"),
     (pairs_file_with_malformed_lines, 2, "--format=pairs"),
-    (out_dir_is_a_file, 2, "out"),
+    (out_dir_is_a_file, 2, "exists and is not a folder"),
 ]
 
 
@@ -418,3 +416,49 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path):
     with files.atomic_output(str(target)) as f:
         f.write("new\n")
     assert os.listdir(tmp_path) == ["out.csv"] and target.read_text() == "new\n"
+
+
+def test_atomic_output_without_unnamed_files(tmp_path, monkeypatch):
+    """Where O_TMPFILE is missing (macOS, Windows, no /proc): a named temporary file, removed on error."""
+    monkeypatch.setattr(files, "unnamed_file", lambda folder: None)
+    test_atomic_output_leaves_nothing_on_error(tmp_path)
+    with files.atomic_output(str(tmp_path / "b.bin"), "wb") as f:
+        f.write(b"a\nb")
+    assert (tmp_path / "b.bin").read_bytes() == b"a\nb"
+
+
+def test_no_lock_file_is_left_and_holds_nest(world, tmp_path, capsys):
+    """A normal end removes the lock files; a folder held twice in one process stays held until the last release."""
+    shutil.copytree(world["ds"], tmp_path / "ds")
+    (tmp_path / "log.txt").write_text(LOG)
+    data.main([str(tmp_path / "log.txt"), f"--out_dir={tmp_path / 'ds'}"])
+    code, _ = invoke(train.main, tiny(str(tmp_path / "run"), str(tmp_path / "ds")), capsys)
+    assert code == 0
+    assert not [p for p in full_snapshot(str(tmp_path)) if p.endswith(files.LOCK)]
+    files.hold(str(tmp_path / "x"))
+    files.hold(str(tmp_path / "x"))
+    files.release(str(tmp_path / "x"))
+    assert (tmp_path / "x" / files.LOCK).exists()
+    files.release(str(tmp_path / "x"))
+    assert not (tmp_path / "x" / files.LOCK).exists()
+
+
+def test_a_search_start_inside_the_cleared_folder_is_refused(world, tmp_path, capsys):
+    """--overwrite=True with a starting checkpoint anywhere in the stage folder (its search/ too)."""
+    shutil.copytree(world["run"], tmp_path / "run")
+    os.makedirs(tmp_path / "run" / "stage1" / "search" / "c2" / "stage1")
+    shutil.copy(tmp_path / "run" / "stage1" / "best.pt", tmp_path / "run" / "stage1" / "search" / "c2" / "stage1")
+    before = snapshot(str(tmp_path))
+    code, err = invoke(train.main, tiny(str(tmp_path / "run"), world["ds"], "--overwrite=True",
+                                        f"--init_from={tmp_path}/run/stage1/search/c2/stage1/best.pt"), capsys)
+    assert code == 2 and one_line(err) and "its own starting point" in err and snapshot(str(tmp_path)) == before
+
+
+def test_a_resume_that_asks_for_more_trains_on(world, tmp_path, capsys):
+    """A run that ran its plan, resumed with a larger --max_iters, trains on (the finished flag only
+    stops a resume that asks for nothing new)."""
+    shutil.copytree(world["run"], tmp_path / "run")
+    code, _ = invoke(train.main, tiny(str(tmp_path / "run"), world["ds"], "--init_from=resume"), capsys)
+    assert code == 0 and torch.load(tmp_path / "run" / "stage1" / "ckpt.pt", weights_only=True)["iter_num"] == 6
+    code, _ = invoke(train.main, tiny(str(tmp_path / "run"), world["ds"], "--init_from=resume", "--max_iters=9"), capsys)
+    assert code == 0 and torch.load(tmp_path / "run" / "stage1" / "ckpt.pt", weights_only=True)["iter_num"] == 9

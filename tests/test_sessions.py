@@ -113,8 +113,9 @@ def test_evaluate_prints_the_session_task(tmp_path, capsys):
                    "--outcome_samples=3"])
     out = capsys.readouterr().out
     assert "session task (test sessions" in out and "markov p10" in out and "outcome 'purchase'" in out
-    with pytest.raises(SystemExit, match="no such page"):
+    with pytest.raises(SystemExit) as e:
         evaluate.main(["--data_dir", str(tmp_path / "d"), "--baselines_only", "--outcome=nope"])
+    assert e.value.code == 2 and "no such page" in capsys.readouterr().err
 
 
 def test_model_session_nll_in_windows_matches_one_context_per_target(tmp_path):
