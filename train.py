@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from configurator import ConfigError, Progress, run_main
 from files import atomic_output, hold, release
+from runtime import CpuShare, faster_dtype
 from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
 from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
 from recipe import AUTO, data_stats, derive, describe
@@ -137,6 +138,8 @@ cluster_scope = 'all'          # 'all': K independent models; 'blocks': shared e
 clusters = ''                  # int64 cluster per user (.npy); '' = data_dir/clusters.npy
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+threads = 0                    # CPU threads; 0: one per core while the machine is free, fewer while other
+                               # jobs keep cores busy (looked at every 10 s; runtime.CpuShare)
 dtype = 'auto'                 # 'float32', 'bfloat16' (autocast), or 'auto': bf16 where it trains faster
                                #   (a bf16 GPU; a CPU with AMX / AVX512-BF16 when a few timed steps say so),
                                #   fp32 elsewhere; printed. bf16 matched fp32's validation NDCG@10 (README)
@@ -278,6 +281,8 @@ def check_config(cfg):
             raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
     if cfg['eval_users'] < 0:
         raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0 = all)")
+    if cfg.get('threads', 0) < 0:
+        raise ConfigError(f"--threads={cfg['threads']}: must be >= 0 (0: one per free core)")
     if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
         raise ConfigError(f"--out_dir={cfg['out_dir']}: exists and is not a folder")
     if cfg['time_budget'] < 0 or cfg['patience'] < 0:
@@ -498,6 +503,8 @@ class Run:
         self.asked = dict(cfg)              # the settings as given (before the rules fill them)
         self.cfg = cfg = dict(cfg)
         self.ddp, self.rank, self.world, self.dev = setup_distributed(cfg)
+        cpu = self.dev == 'cpu' and not self.ddp    # (under DDP the processes split the cores)
+        self.share = CpuShare(cfg['threads']) if cpu else None
         self.master = self.rank == 0
         self.talk = self.master and verbose   # the set-up's printout (search.py's candidates skip it)
         self.device_type = 'cuda' if self.dev.startswith('cuda') else ('mps' if self.dev.startswith('mps') else 'cpu')
@@ -674,7 +681,11 @@ class Run:
             cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
             if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure
                 cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
-                                                            self.weight, self.logit_bias, self.ddp)
+                                                            self.weight, self.logit_bias)
+                if self.ddp:  # every process trains in the dtype the first one measured
+                    pick = [cfg['dtype'], self.dtype_why]
+                    torch.distributed.broadcast_object_list(pick, src=0)
+                    cfg['dtype'], self.dtype_why = pick
         self.autocast = (nullcontext() if cfg['dtype'] == 'float32' else
                          torch.autocast(self.device_type, dtype=torch.bfloat16))
 
@@ -683,7 +694,8 @@ class Run:
         print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
               f"{self.data.vocab_size:,} tokens in the vocabulary, {len(self.windows):,} training windows")
         print(f"model: {self.raw_model.get_num_params() / 1e6:.3f}M parameters; device {self.dev}, dtype "
-              f"{cfg['dtype']} ({self.dtype_why}), {self.world} process(es), {torch.get_num_threads()} threads each")
+              f"{cfg['dtype']} ({self.dtype_why}), {self.world} process(es), {torch.get_num_threads()} threads each"
+              + (f" ({self.share.why})" if self.share else ""))
         budget = f", time budget {cfg['time_budget']:g} min" if cfg['time_budget'] > 0 else ""
         print(f"plan: {cfg['max_iters']:,} iterations, validation every {cfg['eval_interval']:,}, early stop after "
               f"{cfg['patience']} without a better {cfg['best_metric']}{budget}")
@@ -758,6 +770,12 @@ class Run:
                        + f", lr {lr:.2e}, {self.tokens_seen * self.world / dt:,.0f} target tokens/s, "
                        f"{fmt_time(self.elapsed())} elapsed, ~{fmt_time(left)} left")
         self.reset_meters()
+
+    def share_cores(self):
+        """Threads follow the cores other jobs leave free (runtime.CpuShare): said when they change."""
+        before = torch.get_num_threads()
+        if self.share is not None and self.share.adjust() != before and self.master:
+            tqdm.write(f"threads: {before} -> {torch.get_num_threads()} ({self.share.why})")
 
     def reset_meters(self):
         self.t0, self.tokens_seen, self.loss_acc, self.nll_acc = time.time(), 0, None, 0.0
@@ -917,6 +935,7 @@ class Run:
                 self.fit_time_budget(sec_per_iter)
             if self.iter_num % cfg['log_interval'] == 0:
                 self.log(lr, sec_per_iter)
+                self.share_cores()
             if self.iter_num % cfg['eval_interval'] == 0 or self.iter_num == cfg['max_iters']:
                 self.validate_and_save()
                 self.t0, self.tokens_seen = time.time(), 0
@@ -1010,38 +1029,6 @@ def log_metrics(stage_dir, record):
     appends too, so an iteration may appear twice: readers keep its last record."""
     with open(os.path.join(stage_dir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
         f.write(json.dumps(plain(record)) + '\n')
-
-
-def faster_dtype(model, cfg, batches, weight, logit_bias, ddp):
-    """dtype=auto on a CPU with native bf16 matmuls: time training steps of a copy of the model in
-    each dtype on the run's first 12 batches and keep the faster. On a Xeon with AMX, bf16 took as long
-    as fp32 at n_embd 64 (70.7 vs 68.6 ms/step, 2.5x the memory) and 1.5x less at 128; an AMD EPYC
-    with avx512_bf16 trained 2-2.6x faster at every size. The RNG state is restored afterwards."""
-    import copy
-    rng, secs = torch.get_rng_state(), {}
-    for name in ('float32', 'bfloat16'):
-        m = copy.deepcopy(model).train()
-        opt = m.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']), 'cpu')
-        ctx = nullcontext() if name == 'float32' else torch.autocast('cpu', dtype=torch.bfloat16)
-        times = []
-        # each batch is seen once untimed (new shapes build kernels first, oneDNN), then timed once;
-        # 12 batches of different shapes, as training meets many: where the capped kernel cache
-        # cannot hold them all it rebuilds kernels, and the mean time counts that too
-        for x, y, cid in batches * 2:
-            t = time.perf_counter()
-            with ctx:
-                _, loss = m(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias, return_logits=False)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
-        secs[name] = float(np.mean(times[len(batches):]))
-    torch.set_rng_state(rng)
-    pick = ['bfloat16' if secs['bfloat16'] < 0.9 * secs['float32'] else 'float32']
-    if ddp:  # every process trains in the dtype the first one measured
-        torch.distributed.broadcast_object_list(pick, src=0)
-    return pick[0], (f"auto: a training step took {secs['bfloat16'] * 1e3:.0f} ms in bf16, "
-                     f"{secs['float32'] * 1e3:.0f} ms in fp32 on this CPU")
 
 
 def warm_start(model, cfg, data, master):
