@@ -252,16 +252,17 @@ def bench_msnbc(data_dir, cfg, dev):
 
 def bench_epoch(data_dir, cfg, dev):
     """One stage-1 epoch on a dataset at the config train.py derives for it (dropout, tail weights, lr schedule)."""
+    import curriculum
     import train
-    from data import load_data, train_windows, get_batch
+    from data import BatchSchedule, load_data, train_windows, get_batch
     data = load_data(data_dir)
     tc = default_config(data)
     model = default_model(data, dev, tc['dropout']).train()
     windows = train_windows(data, tc['block_size'])
-    schedule = train.BatchSchedule(windows[:, 1] - windows[:, 0], tc['batch_tokens'], 0, 1, tc['seed'])
+    schedule = BatchSchedule(windows[:, 1] - windows[:, 0], tc['batch_tokens'], 0, 1, tc['seed'])
     schedule(0)
     n_batches = schedule.starts[1]
-    weight = train.class_weights(tc, data)
+    weight = curriculum.class_weights(tc, data)
     optimizer = model.configure_optimizers(tc['weight_decay'], tc['learning_rate'], (tc['beta1'], tc['beta2']),
                                            dev.split(':')[0])
     sync(dev)

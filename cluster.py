@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from configurator import Progress
+from configurator import ConfigError, Progress
 
 # -----------------------------------------------------------------------------
 data_dir = 'data/builtin'      # a dataset prepared by data.py; data/builtin is generated when missing
@@ -250,7 +250,7 @@ def per_set_nll(model, data, block_size, device, batch_tokens=4096):
     """(n_users, K) mean NLL of each user's training page targets under each parameter set of a
     clusterwise model (NaN for users without one). One forward pass over the data per set."""
     from data import train_windows
-    from train import target_difficulty
+    from curriculum import target_difficulty
     K = model.config.n_clusters
     windows = train_windows(data, block_size)
     total = np.zeros((data.n_users, K))
@@ -306,7 +306,7 @@ def refine_step(cfg, data):
     """One round of HeTLM's endogenous refinement: reassign users by lowest NLL over the sets of
     a trained clusterwise checkpoint, write clusters.npy; then retrain (train.py --n_clusters=K)."""
     from configurator import ConfigError
-    from data import write_atomic, writing
+    from files import write_atomic, writing
     from model import load_checkpoint, resolve_device
     if not os.path.isfile(cfg['refine']):
         raise ConfigError(f"--refine={cfg['refine']}: no checkpoint there")
@@ -342,7 +342,8 @@ def refine_step(cfg, data):
 
 def run(cfg):
     from configurator import ConfigError
-    from data import ensure_builtin, load_data, write_atomic, writing
+    from data import ensure_builtin, load_data
+    from files import write_atomic, writing
 
     for key in ('k', 'dim', 'n_init', 'max_iter', 'batch_tokens'):
         if cfg[key] < 1:
@@ -398,6 +399,34 @@ def run(cfg):
         write_atomic(os.path.join(cfg['data_dir'], 'clusters.json'), info)
     print(f"wrote {os.path.join(cfg['data_dir'], 'clusters.npy')} and clusters.json")
     return labels, info
+
+
+def window_clusters(data, windows, user_clusters):
+    """Cluster id of each window's user, or None without clusters."""
+    if user_clusters is None:
+        return None
+    return user_clusters[np.searchsorted(np.asarray(data.offsets), windows[:, 0], side='right') - 1]
+
+
+def load_clusters(cfg, data):
+    """The user -> cluster assignment for n_clusters > 1 (None for a single model)."""
+    if cfg['n_clusters'] == 1:
+        return None
+    path = cfg['clusters'] or os.path.join(cfg['data_dir'], 'clusters.npy')
+    if not os.path.isfile(path):
+        raise ConfigError(f"--n_clusters={cfg['n_clusters']} needs a user -> cluster assignment at {path}: "
+                          f"run python cluster.py --data_dir={cfg['data_dir']} --k={cfg['n_clusters']}")
+    try:
+        c = np.load(path, allow_pickle=False)   # a pickled object is refused: loading it could run code
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{path}: not a .npy array of cluster ids ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not np.issubdtype(c.dtype, np.integer) or c.shape != (data.n_users,):
+        raise ConfigError(f"{path}: expected {data.n_users:,} integer cluster ids, got {c.dtype} of shape {c.shape}")
+    c = c.astype(np.int64)
+    if c.min() < 0 or c.max() >= cfg['n_clusters']:
+        raise ConfigError(f"{path}: expected {data.n_users:,} cluster ids in [0, {cfg['n_clusters']}), "
+                          f"got shape {c.shape}, range [{c.min()}, {c.max()}]")
+    return c
 
 
 def main(argv):

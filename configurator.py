@@ -27,6 +27,16 @@ class ConfigError(ValueError):
     """A bad key or value; the message is one line naming the setting (and file:line)."""
 
 
+class DataError(ValueError):
+    """Bad input or a missing dataset; the message is one line naming the file (and line)."""
+
+
+def one_line(e):
+    """An exception's message as one short line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _coerce(key, value, default, where):
     """Cast `value` (already a Python object or a raw string) to the type of `default`."""
     kind = type(default)

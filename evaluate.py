@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import sys
+import json
 import time
 
 import numpy as np
@@ -33,8 +34,10 @@ import torch
 from baselines import popularity
 from configurator import Progress, compact_heap
 from data import eval_examples
-from model import resolve_device
-from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
+from files import atomic_output
+from runtime import plain
+from model import load_checkpoint, resolve_device
+from tokenizer import N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
 LOWER_IS_BETTER = {"nll", "session_nll"}   # validation metrics where lower is better (the rest: higher)
@@ -327,6 +330,79 @@ def format_table(results, columns=COLUMNS):
     sizes = sorted({(m["n"], m["unk"]) for m in results.values()})
     lines.append("  ".join(f"n={n:,} examples, <unk> targets {unk:.2%} (counted as misses)" for n, unk in sizes))
     return "\n".join(lines)
+
+def per_user_scores(metrics, metric):
+    """Per-user values (float32, users in a fixed order) of a validation metric that is a mean over
+    users (NDCG, HR, MRR, NLL); None for the others. The search compares runs user by user with them."""
+    rank = metrics['examples']['rank']
+    if metric.startswith('ndcg@'):
+        values = ndcg_at(rank, int(metric[5:]))
+    elif metric.startswith('hr@'):
+        values = rank < int(metric[3:])
+    elif metric == 'mrr':
+        values = 1.0 / (rank + 1.0)
+    elif metric == 'nll':   # users whose target is <unk> have none (NaN): search.py compares the others
+        values = -metrics['examples']['logp']
+    else:
+        return None
+    return np.asarray(values, dtype=np.float32)
+
+
+def final_report(best_path, data, cfg, dev, stage_dir, search=None):
+    """Evaluate best.pt once on validation and test, next to the baselines and to post-hoc logit
+    adjustment of the same model (its tau chosen on validation), and print the tables; then the
+    model against the best baseline (chosen on validation) with a paired bootstrap interval."""
+    model, ckpt = load_checkpoint(best_path, dev)
+    block = ckpt['model_args']['block_size']
+    uc = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
+    # logit adjustment baseline: tau picked by validation harmonic mean of anchor and tail accuracy
+    # (every tau from one pass of the model; then one pass per split scores the model with and without it)
+    taus = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]   # 0: no adjustment, when none helps on validation
+    la = evaluate_model(model, data, 'val', block, dev, max_users=cfg['eval_users'] or None, seed=cfg['seed'],
+                        logit_adjust=taus, clusters=uc)
+    tau = max(taus, key=lambda t: la[t]['hmean'])
+    results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path, 'logit_adjust_tau': tau}
+    if search:
+        results['search'] = search
+    baselines, best_base = Baselines(data, cfg['seed']), None
+    for split in ('val', 'test'):
+        m = evaluate_model(model, data, split, block, dev, logit_adjust=[0.0, tau], clusters=uc)
+        rows = {'gpt (best.pt)': m[0.0], f'gpt + logit adj. {tau}': m[tau]}
+        base = baselines.evaluate(split)
+        rows.update(base)
+        best_base = best_base or baselines.best(base)           # chosen on validation, kept for test
+        print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
+              f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
+        print(format_table(rows))
+        m = rows['gpt (best.pt)']
+        gain = compare(m, rows[best_base], seed=cfg['seed'])
+        print(gain_line('gpt', best_base, gain, 'validation'))
+        u = per_user_stats(m['examples'])
+        print(f"gpt per user: NLL mean {u['nll_mean']:.4f} std {u['nll_std']:.4f} p90 {u['nll_p90']:.4f}; "
+              f"HR@10 mean {u['hr@10_mean']:.4f} std {u['hr@10_std']:.4f} p10 {u['hr@10_p10']:.4f}")
+        print(f"gpt: harmonic mean of anchor/tail accuracy {m['hmean']:.4f}, macro recall {m['macro_recall']:.4f}; "
+              f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
+              f"{fewshot(m, 5)} / {fewshot(m, 20)}")
+        results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
+        results.setdefault('vs_best_baseline', {})[split] = dict(gain, baseline=best_base)
+    if data.split == 'session':   # HeTLM's task: the held-out test session, scored and generated per user
+        import sessions
+        methods = {'gpt (best.pt)': sessions.model_logp(model, dev, uc), 'markov': sessions.markov_logp(data),
+                   'most-popular': sessions.popular_logp(data)}
+        print("\ntest sessions (sessions.py; evaluate.py --outcome=PAGE adds outcome prediction): per user")
+        res = sessions.evaluate_sessions(data, 'test', methods, seed=cfg['seed'], progress=lambda *_: None)
+        print(sessions.session_table(res, uc))
+        results['test_sessions'] = sessions.summary(res)
+    with atomic_output(os.path.join(stage_dir, 'results.json')) as f:   # whole or absent, even after a kill
+        json.dump(plain(results), f, indent=1)
+    return results
+
+
+def fewshot(m, k):
+    """Few-shot tail accuracy with its count; no figure where no target is that rare."""
+    n = m.get(f'n_fewshot{k}', 0)
+    return f"{m[f'acc_fewshot{k}']:.4f} (n={n})" if n else "none (n=0)"
+
 
 def fail(message):
     """One line on stderr and exit status 2, as every script's errors (configurator.run_main)."""

@@ -39,8 +39,9 @@ import numpy as np
 import cluster
 import train
 from configurator import ConfigError, run_main
-from data import DataError, ensure_builtin, load_data, write_atomic
-from files import hold, release
+from data import DataError, ensure_builtin, load_data
+from files import hold, release, write_atomic
+from runtime import plain
 from evaluate import evaluate_model, per_user_by_cluster
 from recipe import data_stats, derive, describe
 from model import GPTConfig, count_params, load_checkpoint, matched_single_config, resolve_device
@@ -76,12 +77,12 @@ def run_train(cfg, name, last=False, **over):
     c = train_cfg(cfg, name, **over)
     best = os.path.join(c['out_dir'], 'stage1', 'ckpt.pt' if last else 'best.pt')
     done = os.path.join(c['out_dir'], 'done.json')
-    if os.path.isfile(done) and read_json(done) == train.plain(c):
+    if os.path.isfile(done) and read_json(done) == plain(c):
         print(f"[{name}] already trained with these settings: {best}")
         return best
     print(f"\n[{name}] training ({c['max_iters']} iterations, {c['n_clusters']} set(s))")
     train.train(c)
-    write_atomic(done, train.plain(c))
+    write_atomic(done, plain(c))
     return best
 
 
@@ -256,7 +257,7 @@ def pipeline(cfg, data, k_list, t_start):
     if data.split == 'session':
         session_report(models, data, cfg, dev, report)
     report['seconds'] = round(time.time() - t_start, 1)
-    write_atomic(os.path.join(cfg['out_dir'], 'hetlm.json'), train.plain(report))
+    write_atomic(os.path.join(cfg['out_dir'], 'hetlm.json'), plain(report))
     print(f"\nwrote {os.path.join(cfg['out_dir'], 'hetlm.json')} ({report['seconds']:.0f} s in all)")
     return report
 

@@ -50,7 +50,7 @@ from statistics import NormalDist
 import numpy as np
 
 from configurator import ConfigError
-from data import write_atomic
+from files import write_atomic
 from evaluate import LOWER_IS_BETTER
 from recipe import AUTO, data_stats, derive
 

@@ -33,10 +33,8 @@ the model it trained.
 
 import os
 import sys
-import json
 import math
 import time
-from contextlib import nullcontext
 
 # oneDNN (PyTorch's CPU kernels) caches up to 1,024 compiled kernels, one per tensor shape, and
 # behavior batches come in many shapes: on Online Retail in bf16 that cache held 0.7 GB (2.08 GB
@@ -45,17 +43,18 @@ os.environ.setdefault('ONEDNN_PRIMITIVE_CACHE_CAPACITY', '64')
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import ConfigError, Progress, run_main
-from files import atomic_output, hold, release
-from runtime import CpuShare, faster_dtype
-from model import GPT, GPTConfig, SCOPES, expand_state, load_checkpoint, pick_dtype, read_checkpoint, resolve_device
-from data import DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
+from configurator import ConfigError, run_main
+from files import hold, release
+from runtime import (RAN, CpuShare, Machinery, claim_stage_dir, fmt_time, log_metrics, plain, save_atomic,
+                     setup_distributed, warm_start)
+from model import GPT, GPTConfig, SCOPES, load_checkpoint, read_checkpoint
+from data import BatchSchedule, DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
+from cluster import load_clusters, window_clusters
+import curriculum
 from recipe import AUTO, data_stats, derive, describe
-from evaluate import (Baselines, compare, evaluate_model, format_table, gain_line, per_user_stats, ndcg_at, COLUMNS,
-                      LOWER_IS_BETTER)
+from evaluate import COLUMNS, LOWER_IS_BETTER, evaluate_model, final_report, per_user_scores
 import search as settings_search
 from sessions import mean_session_nll
 
@@ -172,94 +171,6 @@ def get_lr(it, cfg, cool=None):
     return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
 
 
-def epoch_batches(lengths, batch_tokens, epoch, seed, bucket=64, groups=None):
-    """One epoch's micro-batches (arrays of window indices), a function of (seed, epoch) only.
-
-    Behavior logs are mostly short histories with a long tail of long ones, so a fixed number of
-    rows wastes most of the compute on padding or starves the optimizer. Instead windows are
-    shuffled, sorted by length inside chunks of about `bucket` batches, and cut into batches of
-    at most `batch_tokens` padded tokens (rows x longest row); then the batches are shuffled.
-    groups (one int per window, e.g. its user's cluster): every batch holds one group only, so a
-    clusterwise model runs each batch with one parameter set at the cost of a single model."""
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(lengths))
-    n_in = lengths - 1                                  # input tokens of each window
-    chunk = max(1, int(bucket * batch_tokens / max(1.0, float(n_in.mean()))))
-    parts = [perm] if groups is None else [perm[groups[perm] == g] for g in np.unique(groups)]
-    batches = []
-    for c, part in ((c, p) for p in parts for c in range(0, len(p), chunk)):
-        part = part[c:c + chunk]
-        part = part[np.argsort(n_in[part], kind='stable')]   # ascending: a batch's last row is its longest
-        L, i = n_in[part], 0
-        while i < len(part):
-            k = max(1, batch_tokens // int(L[i]))
-            while k > 1 and k * int(L[min(i + k, len(part)) - 1]) > batch_tokens:
-                k = max(1, batch_tokens // int(L[min(i + k, len(part)) - 1]))
-            batches.append(part[i:i + k])
-            i += k
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
-
-
-class BatchSchedule:
-    """Micro-batch number -> window indices of this process. A function of the step number alone,
-    so a resumed run continues the data order where it stopped (no batch is seen twice).
-    With W processes, micro-batch s of process r is batch s*W + r of the epoch's list."""
-
-    def __init__(self, lengths, batch_tokens, rank, world_size, seed, groups=None):
-        self.lengths, self.batch_tokens, self.seed, self.groups = lengths, batch_tokens, seed, groups
-        self.rank, self.world = rank, world_size
-        self.starts = [0]           # first micro-batch number of each epoch seen so far
-        self._epoch, self._batches = None, None
-        if len(lengths) == 0:
-            raise DataError("no training windows: every user's training part is shorter than 2 tokens")
-
-    def _load(self, epoch):
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._batches = epoch_batches(self.lengths, self.batch_tokens, epoch, self.seed, groups=self.groups)
-        return self._batches
-
-    def __call__(self, step):
-        epoch = 0
-        while True:
-            if epoch + 1 == len(self.starts):   # learn where the next epoch starts
-                n = len(self._load(epoch)) // self.world
-                if n == 0:
-                    raise ConfigError(f"one epoch holds fewer micro-batches than the {self.world} processes; "
-                                      f"lower --batch_tokens (now {self.batch_tokens})")
-                self.starts.append(self.starts[-1] + n)
-            if step < self.starts[epoch + 1]:
-                break
-            epoch += 1
-        j = step - self.starts[epoch]
-        return self._load(epoch)[j * self.world + self.rank]
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file of this process, then os.replace: a crash or a full disk never
-    leaves a torn checkpoint, and two writers never share a temporary file."""
-    try:
-        with atomic_output(path, "wb") as f:   # an unnamed file until complete: a kill leaves nothing
-            torch.save(obj, f)
-    except (OSError, RuntimeError) as e:   # torch reports a failed write as a RuntimeError
-        raise ConfigError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
-                          "the previous one is unchanged") from None
-
-
-def plain(x):
-    """numpy scalars/arrays -> Python values, so checkpoints load with weights_only=True."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def better(a, b, metric):
     """Is validation value a better than b? NaN is never better (a diverged run is never best)."""
     if math.isnan(a):
@@ -307,138 +218,6 @@ def check_config(cfg):
         raise ConfigError("--tail_weight must be >= 0 and --class_balanced in [0, 1)")
 
 
-def class_weights(cfg, data):
-    """(V,) loss weight per target class for stage 1: anchors and <eos> 1, tail pages tail_weight;
-    times the class-balanced weight (1 - beta) / (1 - beta^n_c) when class_balanced = beta > 0."""
-    from tokenizer import EOS
-    V = data.vocab_size
-    w = np.full(V, cfg['tail_weight'])
-    w[data.anchor_ids] = 1.0
-    w[EOS] = 1.0
-    if cfg['class_balanced'] > 0:
-        beta = cfg['class_balanced']
-        n = np.asarray(data.tokenizer.counts, dtype=np.float64)
-        eos = np.flatnonzero(np.asarray(data.tokens) == EOS)          # <eos> targets in training regions
-        user = np.searchsorted(np.asarray(data.offsets), eos, side='right') - 1
-        n[EOS] = int((eos < np.asarray(data.train_end)[user]).sum())
-        w = w * np.where(n > 0, (1 - beta) / (1 - beta ** np.maximum(n, 1)), 0.0)
-        w = w / w[n > 0].mean()
-    if np.allclose(w, 1.0):
-        return None  # plain cross-entropy
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def window_clusters(data, windows, user_clusters):
-    """Cluster id of each window's user, or None without clusters."""
-    if user_clusters is None:
-        return None
-    return user_clusters[np.searchsorted(np.asarray(data.offsets), windows[:, 0], side='right') - 1]
-
-
-def load_clusters(cfg, data):
-    """The user -> cluster assignment for n_clusters > 1 (None for a single model)."""
-    if cfg['n_clusters'] == 1:
-        return None
-    path = cfg['clusters'] or os.path.join(cfg['data_dir'], 'clusters.npy')
-    if not os.path.isfile(path):
-        raise ConfigError(f"--n_clusters={cfg['n_clusters']} needs a user -> cluster assignment at {path}: "
-                          f"run python cluster.py --data_dir={cfg['data_dir']} --k={cfg['n_clusters']}")
-    try:
-        c = np.load(path, allow_pickle=False)   # a pickled object is refused: loading it could run code
-    except (OSError, ValueError, EOFError) as e:
-        raise ConfigError(f"{path}: not a .npy array of cluster ids ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not np.issubdtype(c.dtype, np.integer) or c.shape != (data.n_users,):
-        raise ConfigError(f"{path}: expected {data.n_users:,} integer cluster ids, got {c.dtype} of shape {c.shape}")
-    c = c.astype(np.int64)
-    if c.min() < 0 or c.max() >= cfg['n_clusters']:
-        raise ConfigError(f"{path}: expected {data.n_users:,} cluster ids in [0, {cfg['n_clusters']}), "
-                          f"got shape {c.shape}, range [{c.min()}, {c.max()}]")
-    return c
-
-
-def target_difficulty(model, data, windows, device, batch_tokens=4096, groups=None):
-    """Stage-1 cross-entropy of every page target inside the training windows, in one batched pass.
-    Returns (pos, target, difficulty): absolute token index of each target, its page, its loss."""
-    model.eval()
-    lengths = windows[:, 1] - windows[:, 0]
-    budget = max(64, min(batch_tokens, (1 << 24) // data.vocab_size))  # bound the (N, V) logits
-    batches = epoch_batches(lengths, budget, 0, 0, groups=groups)
-    pos, tgt, ce = [], [], []
-    for rows in Progress(batches, desc='difficulty', unit='batch', leave=False):
-        x, y = get_batch(data, windows, rows)
-        keep = y >= 4                                       # pages only: behaviors, not <eos>/<unk>
-        y[~keep] = -1
-        cid = None if groups is None else torch.from_numpy(groups[rows]).to(device)
-        logits, _ = model(x.to(device), y.to(device), cluster_ids=cid)  # (N, V) at the kept targets
-        ce.append(F.cross_entropy(logits.float(), y[keep].to(device), reduction='none').cpu().numpy())
-        r, t = keep.nonzero(as_tuple=True)
-        pos.append(windows[rows][r.numpy(), 0] + t.numpy() + 1)
-        tgt.append(y[keep].numpy())
-    return np.concatenate(pos), np.concatenate(tgt), np.concatenate(ce)
-
-
-def balanced_subset(target, difficulty, per_behavior, band_low, band_high):
-    """Indices of the balanced stage-2 samples. Per behavior (target page), samples are sorted by
-    difficulty; a behavior with at most per_behavior samples keeps them all (the few-shot regime);
-    otherwise per_behavior samples are taken evenly spread over its [band_low, band_high] quantile
-    band (if the band is smaller than that, the hardest per_behavior below band_high)."""
-    order = np.lexsort((difficulty, target))                # by behavior, then easiest first
-    t = target[order]
-    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-    ends = np.r_[starts[1:], len(t)]
-    keep = []
-    for a, b in zip(starts, ends):
-        n = b - a
-        if n <= per_behavior:
-            keep.append(order[a:b])
-            continue
-        lo, hi = int(band_low * n), max(int(math.ceil(band_high * n)), per_behavior)
-        band = order[a:b][lo:hi] if hi - lo >= per_behavior else order[a:b][hi - per_behavior:hi]
-        keep.append(band[np.linspace(0, len(band) - 1, per_behavior).round().astype(np.int64)])
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-
-
-def stage2_windows(data, cfg, ref_model, device, master, user_clusters=None):
-    """The balanced subset as windows [start, target + 1): each chosen target with up to block_size
-    tokens of its own user's preceding training history."""
-    windows = train_windows(data, cfg['block_size'])
-    groups = window_clusters(data, windows, user_clusters)
-    pos, target, diff = target_difficulty(ref_model, data, windows, device, groups=groups)
-    chosen = balanced_subset(target, diff, cfg['per_behavior'], cfg['band_low'], cfg['band_high'])
-    user = np.searchsorted(np.asarray(data.offsets), pos[chosen], side='right') - 1
-    start = np.maximum(np.asarray(data.offsets)[user], pos[chosen] - cfg['block_size'])
-    counts = np.bincount(target, minlength=data.vocab_size)          # samples per behavior: data, subset
-    kept = np.bincount(target[chosen], minlength=data.vocab_size)
-    if master:
-        anchor = np.isin(target[chosen], data.anchor_ids).mean() if len(chosen) else 0.0
-        print(f"stage 2 subset: {len(chosen):,} of {len(target):,} training targets, "
-              f"{int((kept > 0).sum()):,} behaviors ({int(((counts > 0) & (counts <= cfg['per_behavior'])).sum()):,} "
-              f"keep all their samples), anchor share {anchor:.1%} (was {np.isin(target, data.anchor_ids).mean():.1%}), "
-              f"difficulty band [{cfg['band_low']}, {cfg['band_high']}], mean stage-1 loss "
-              f"{diff[chosen].mean():.3f} (all: {diff.mean():.3f})")
-    # how much more often each behavior is seen in the subset than in the data, for prior_keep
-    rate, base = kept / max(1, len(chosen)), counts / max(1, len(target))
-    ratio = np.divide(rate, base, out=np.ones(data.vocab_size), where=(rate > 0) & (base > 0))
-    bias = torch.tensor(cfg['prior_keep'] * np.log(ratio), dtype=torch.float32)
-    return np.stack([start, pos[chosen] + 1], axis=1), bias
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK/WORLD_SIZE: nanoGPT's recipe, gloo on CPU. -> (ddp, rank, world, device)"""
-    dev = resolve_device(cfg['device'])
-    if int(os.environ.get('RANK', -1)) == -1:
-        return False, 0, 1, dev
-    from torch.distributed import init_process_group
-    rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    if dev.startswith('cuda'):
-        dev = f'cuda:{local_rank}'
-        torch.cuda.set_device(dev)
-    init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-    if dev == 'cpu':  # share the cores between the processes of this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
-    return True, rank, world, dev
-
-
 def fill_settings(cfg, data, prior, master):
     """Settings left "from the data" (recipe.AUTO): those of the run we continue (prior: its
     checkpoint, on resume or in stage 2), else derived by recipe.derive and printed with their
@@ -459,16 +238,6 @@ def fill_settings(cfg, data, prior, master):
     return cfg, [list(r) for r in reasons], stats
 
 
-def replan(cfg, iter_num, sec_per_iter, sec_per_eval, sec_left):
-    """A shorter run when the plan would overrun the time budget: the largest max_iters whose
-    iterations and validations fit in sec_left, with the cosine decay re-aimed at it (so the
-    learning rate still ends at min_lr, not mid-peak). Returns the new max_iters, or None."""
-    per_iter = sec_per_iter + sec_per_eval / cfg['eval_interval']      # a step and its share of validation
-    if (cfg['max_iters'] - iter_num) * per_iter <= 1.02 * sec_left:
-        return None
-    return iter_num + max(1, int(sec_left / per_iter))
-
-
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns the final report's results (the first
     process, with final_eval on; None otherwise)."""
@@ -487,7 +256,7 @@ def train(cfg):
             release(cfg['out_dir'])
 
 
-class Run:
+class Run(Machinery):
     """One training stage, in the order a reader meets it:
       __init__   the data, the run we continue (stage 1 for stage 2, or our own checkpoint on
                  resume), the settings (from the data unless set), the model, the training
@@ -548,10 +317,8 @@ class Run:
             raise ConfigError(f"{cfg['data_dir']}: no user has a validation and a test target (each needs at least 3 "
                               f"{'sessions' if data.split == 'session' else 'events'}), so nothing can be validated")
         a = data.meta['anchor']
-        if cfg['best_metric'] == 'auto':  # hmean needs both anchor and tail targets to exist
-            both = 0 < a['n_anchors'] < data.vocab_size - 4
-            cfg['best_metric'] = ('hmean' if cfg['stage'] == 2 and both else
-                                  'session_nll' if data.split == 'session' else 'ndcg@10')
+        if cfg['best_metric'] == 'auto':  # stage 2: hmean of anchor and tail accuracy (curriculum.py)
+            cfg['best_metric'] = curriculum.selection_metric(cfg['stage'], data)
         if cfg['best_metric'] == 'session_nll' and data.split != 'session':
             raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
                               f"(prepared with --split={data.split}, not --split=session)")
@@ -597,9 +364,7 @@ class Run:
         filled, self.derived, self.stats = fill_settings(cfg, self.data, prior, self.talk)
         cfg.update(filled)                # one config dict for the whole run
         if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate
-            cfg.update(learning_rate=cfg['stage2_learning_rate'], min_lr=cfg['stage2_learning_rate'] / 10,
-                       max_iters=cfg['stage2_iters'], warmup_iters=min(cfg['warmup_iters'], cfg['stage2_iters'] // 10),
-                       lr_decay_iters=0)
+            cfg.update(curriculum.stage2_schedule(cfg))
         check_config(cfg)
         if prior is None:
             self.user_clusters = load_clusters(cfg, self.data)
@@ -628,9 +393,10 @@ class Run:
         self.weight, self.logit_bias = None, None
         if cfg['stage'] == 1:
             self.windows = train_windows(data, cfg['block_size'])
-            self.weight = class_weights(cfg, data)
+            self.weight = curriculum.class_weights(cfg, data)
         else:  # each window ends at one chosen target; every process computes the same subset
-            self.windows, bias = stage2_windows(data, cfg, self.ref_model, self.dev, self.master, self.user_clusters)
+            self.windows, bias = curriculum.stage2_windows(data, cfg, self.ref_model, self.dev, self.master,
+                                                           self.user_clusters)
             if cfg['prior_keep'] > 0:
                 self.logit_bias = bias.to(self.dev)
         if self.weight is not None:
@@ -670,25 +436,6 @@ class Run:
         if self.talk:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
 
-    def choose_dtype(self, resumed=None):
-        """float32 or bfloat16 autocast; dtype=auto on a CPU times both on the run's first batches,
-        except on resume, which continues in the dtype the run had (resumed)."""
-        cfg = self.cfg
-        if cfg['dtype'] == 'auto' and (resumed == 'float32' or (resumed == 'bfloat16' and
-                                       pick_dtype('auto', self.dev)[0] == 'bfloat16')):   # bf16 only where native
-            cfg['dtype'], self.dtype_why = resumed, 'as the run it resumes'
-        else:
-            cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
-            if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure
-                cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
-                                                            self.weight, self.logit_bias)
-                if self.ddp:  # every process trains in the dtype the first one measured
-                    pick = [cfg['dtype'], self.dtype_why]
-                    torch.distributed.broadcast_object_list(pick, src=0)
-                    cfg['dtype'], self.dtype_why = pick
-        self.autocast = (nullcontext() if cfg['dtype'] == 'float32' else
-                         torch.autocast(self.device_type, dtype=torch.bfloat16))
-
     def print_plan(self):
         cfg, m = self.cfg, self.data.meta
         print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
@@ -708,23 +455,14 @@ class Run:
         cid = None if self.groups is None else torch.from_numpy(self.groups[rows]).to(self.dev)
         return x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True), cid
 
-    def elapsed(self):
-        """Seconds this run has trained, resumes included (the time budget counts these)."""
-        return self.elapsed_before + (0.0 if self.t_start is None else time.time() - self.t_start)
-
-    def agree(self, value):
-        """The first process's value, on every process (decisions that must not differ under DDP)."""
-        if not self.ddp:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+    def lr_at(self, it, cool=None):
+        return get_lr(it, self.cfg, cool)
 
     def step(self):
         """One optimizer step over gradient_accumulation_steps micro-batches; returns its learning rate."""
         cfg, ga = self.cfg, self.cfg['gradient_accumulation_steps']
         use_kl = self.ref_model is not None and cfg['kl_weight'] > 0
-        lr = get_lr(self.iter_num, cfg, self.cool)
+        lr = self.lr_at(self.iter_num, self.cool)
         for group in self.optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
         for micro in range(ga):
@@ -739,9 +477,7 @@ class Run:
                 if use_kl:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
                         ref_logits, _ = self.ref_model(x, y, cluster_ids=cid)
-                    loss = loss + cfg['kl_weight'] * F.kl_div(F.log_softmax(logits.float(), -1),
-                                                              F.log_softmax(ref_logits.float(), -1),
-                                                              log_target=True, reduction='batchmean')
+                    loss = loss + cfg['kl_weight'] * curriculum.kl_to_stage1(logits, ref_logits)
                 loss = loss / ga
             loss.backward()
             self.loss_acc = loss.detach() if self.loss_acc is None else self.loss_acc + loss.detach()
@@ -770,12 +506,6 @@ class Run:
                        + f", lr {lr:.2e}, {self.tokens_seen * self.world / dt:,.0f} target tokens/s, "
                        f"{fmt_time(self.elapsed())} elapsed, ~{fmt_time(left)} left")
         self.reset_meters()
-
-    def share_cores(self):
-        """Threads follow the cores other jobs leave free (runtime.CpuShare): said when they change."""
-        before = torch.get_num_threads()
-        if self.share is not None and self.share.adjust() != before and self.master:
-            tqdm.write(f"threads: {before} -> {torch.get_num_threads()} ({self.share.why})")
 
     def reset_meters(self):
         self.t0, self.tokens_seen, self.loss_acc, self.nll_acc = time.time(), 0, None, 0.0
@@ -847,54 +577,6 @@ class Run:
             self.save(self.ckpt_path)
         self.eval_secs.append(time.time() - t)
 
-    def fit_time_budget(self, sec_per_iter):
-        """Re-plan a schedule that would overrun the time budget: end earlier, decay included."""
-        cfg = self.cfg
-        per_eval = np.mean(self.eval_secs) if self.eval_secs else 20 * sec_per_iter   # a guess until one ran
-        new = self.agree(replan(cfg, self.iter_num, sec_per_iter, per_eval, self.deadline - self.elapsed()))
-        if new is None or new >= cfg['max_iters']:
-            return
-        if any(k == 'eval_interval' for k, _, _ in self.derived):   # keep about 20 validations in all
-            cfg['eval_interval'] = max(1, min(cfg['eval_interval'], new // 20))
-        if self.master:
-            tqdm.write(f"time budget {cfg['time_budget']:g} min: {cfg['max_iters']:,} iterations would not "
-                       f"fit at {sec_per_iter * 1000:.0f} ms each; the run now ends at iteration {new:,} "
-                       f"(learning rate decays to there; validation every {cfg['eval_interval']:,})")
-        cfg['max_iters'], cfg['lr_decay_iters'] = new, min(cfg['lr_decay_iters'], new)
-        self.bar.total = new
-
-    def out_of_patience(self):
-        """After a validation: None to go on; else why the run stops. A stop at a high learning rate
-        first becomes a cooldown (best.pt's weights, decayed to min_lr), once."""
-        cfg = self.cfg
-        if not cfg['patience'] or self.iter_num - self.progress['iter'] < cfg['patience'] * cfg['eval_interval']:
-            return None
-        why = (f"neither validation {cfg['best_metric']} nor NLL has improved for {cfg['patience']} "
-               f"evaluations (best {cfg['best_metric']} at iteration {self.best_iter})")
-        if self.cool is not None or not wants_cooldown(cfg, self.best_iter):
-            return f"early stop at iteration {self.iter_num}: {why}"
-        if self.ddp:
-            torch.distributed.barrier()   # best.pt is written
-        state = read_checkpoint(self.best_path)
-        self.raw_model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.cool, self.progress['iter'] = [self.iter_num, get_lr(self.best_iter, cfg)], self.iter_num
-        cfg['max_iters'] = self.bar.total = self.iter_num + max(cfg['eval_interval'], int(cfg['cooldown'] * self.best_iter))
-        if self.master:
-            tqdm.write(f"cooldown at iteration {self.iter_num}: {why}; best.pt's weights now train "
-                       f"{cfg['max_iters'] - self.iter_num:,} more iterations, learning rate {self.cool[1]:.2e} -> "
-                       f"{cfg['min_lr']:.2e}")
-        return None
-
-    def asks_for_more(self, ended):
-        """Does a resume of a run whose training had ended ask for more: iterations beyond where it
-        ended, by a plan it ran to its end, or by an explicit --max_iters other than the one it had?"""
-        more = self.iter_num < self.cfg['max_iters']
-        if ended == RAN:
-            return more
-        return more and self.asked['max_iters'] > 0 and self.asked['max_iters'] != self.max_iters_before
-
-    # --- the loop ---------------------------------------------------------------------------------
     def fit(self, pause_at=None):
         """Train until max_iters, early stopping or the time budget; returns why it stopped early
         (None: it ran its iterations). pause_at (a multiple of eval_interval): return None at that
@@ -975,136 +657,6 @@ class Run:
             from torch.distributed import destroy_process_group
             destroy_process_group()
         return results
-
-
-def per_user_scores(metrics, metric):
-    """Per-user values (float32, users in a fixed order) of a validation metric that is a mean over
-    users (NDCG, HR, MRR, NLL); None for the others. The search compares runs user by user with them."""
-    rank = metrics['examples']['rank']
-    if metric.startswith('ndcg@'):
-        values = ndcg_at(rank, int(metric[5:]))
-    elif metric.startswith('hr@'):
-        values = rank < int(metric[3:])
-    elif metric == 'mrr':
-        values = 1.0 / (rank + 1.0)
-    elif metric == 'nll':   # users whose target is <unk> have none (NaN): search.py compares the others
-        values = -metrics['examples']['logp']
-    else:
-        return None
-    return np.asarray(values, dtype=np.float32)
-
-
-def wants_cooldown(cfg, best_iter):
-    """After an early stop: was best.pt taken at a learning rate well above min_lr (stage 1)? Then it
-    is worth annealing: a model stopped mid-peak is rarely as good as the same model decayed."""
-    return cfg['stage'] == 1 and cfg['cooldown'] > 0 and get_lr(best_iter, cfg) > 2 * cfg['min_lr']
-
-
-RAN = 'ran its iterations'   # Run.finished of a run that ended where it was planned to
-
-
-def claim_stage_dir(stage_dir, cfg):
-    """A new run never replaces another run's checkpoints unless told to (--overwrite=True): it
-    refuses with one line naming the ways on. --init_from=resume continues the run there. Returns
-    the old run's files, which fit() removes once the new run has started (set-up done: a setting
-    that fails at start-up leaves them), so no file mixes two runs."""
-    os.makedirs(stage_dir, exist_ok=True)
-    held = [f for f in ('ckpt.pt', 'best.pt') if os.path.isfile(os.path.join(stage_dir, f))]
-    if cfg['init_from'] == 'resume':
-        return []
-    if held and not cfg['overwrite']:
-        raise ConfigError(f"{stage_dir} holds another run ({', '.join(held)}); continue it with --init_from=resume, "
-                          f"replace it with --overwrite=True, or choose another --out_dir")
-    old = [os.path.join(stage_dir, f) for f in ('ckpt.pt', 'best.pt', 'results.json', 'metrics.jsonl')]
-    inside = os.path.realpath(stage_dir) + os.sep
-    for key in ('init_from', 'stage1_ckpt'):   # a start inside the folder the new run clears (search/ too)
-        if cfg.get(key) and cfg[key] != 'scratch' and os.path.realpath(cfg[key]).startswith(inside):
-            raise ConfigError(f"--{key}={cfg[key]} --overwrite=True: the run would remove its own starting point; "
-                              f"copy it out of {stage_dir} first, or choose another --out_dir")
-    return [p for p in old if os.path.isfile(p)]
-
-
-def log_metrics(stage_dir, record):
-    """Append one JSON line to stage_dir/metrics.jsonl (plot.py draws from it). A resumed run
-    appends too, so an iteration may appear twice: readers keep its last record."""
-    with open(os.path.join(stage_dir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
-        f.write(json.dumps(plain(record)) + '\n')
-
-
-def warm_start(model, cfg, data, master):
-    """HeTLM warm start: weights from another run's checkpoint; a 1-set model is copied into every set."""
-    src = read_checkpoint(cfg['init_from'])
-    if src['tokenizer']['pages'] != data.tokenizer.pages:
-        raise ConfigError(f"--init_from={cfg['init_from']} was trained on another vocabulary than {cfg['data_dir']}")
-    try:
-        model.load_state_dict(expand_state(src['model'], model))
-    except ValueError as e:
-        raise ConfigError(f"--init_from={cfg['init_from']}: does not fit this model ({e}); "
-                          "use the same n_layer/n_head/n_embd/block_size/bias") from None
-    if master:
-        print(f"weights from {cfg['init_from']} (iteration {src['iter_num']}, "
-              f"{src['model_args'].get('n_clusters', 1)} set(s)) -> {cfg['n_clusters']} set(s)")
-
-
-def fmt_time(sec):
-    sec = int(sec)
-    return f"{sec // 60}m{sec % 60:02d}s" if sec >= 60 else f"{sec}s"
-
-
-def final_report(best_path, data, cfg, dev, stage_dir, search=None):
-    """Evaluate best.pt once on validation and test, next to the baselines and to post-hoc logit
-    adjustment of the same model (its tau chosen on validation), and print the tables; then the
-    model against the best baseline (chosen on validation) with a paired bootstrap interval."""
-    model, ckpt = load_checkpoint(best_path, dev)
-    block = ckpt['model_args']['block_size']
-    uc = None if ckpt.get('clusters') is None else ckpt['clusters'].numpy()
-    # logit adjustment baseline: tau picked by validation harmonic mean of anchor and tail accuracy
-    # (every tau from one pass of the model; then one pass per split scores the model with and without it)
-    taus = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]   # 0: no adjustment, when none helps on validation
-    la = evaluate_model(model, data, 'val', block, dev, max_users=cfg['eval_users'] or None, seed=cfg['seed'],
-                        logit_adjust=taus, clusters=uc)
-    tau = max(taus, key=lambda t: la[t]['hmean'])
-    results = {'best_iter': ckpt['iter_num'], 'checkpoint': best_path, 'logit_adjust_tau': tau}
-    if search:
-        results['search'] = search
-    baselines, best_base = Baselines(data, cfg['seed']), None
-    for split in ('val', 'test'):
-        m = evaluate_model(model, data, split, block, dev, logit_adjust=[0.0, tau], clusters=uc)
-        rows = {'gpt (best.pt)': m[0.0], f'gpt + logit adj. {tau}': m[tau]}
-        base = baselines.evaluate(split)
-        rows.update(base)
-        best_base = best_base or baselines.best(base)           # chosen on validation, kept for test
-        print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
-              f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
-        print(format_table(rows))
-        m = rows['gpt (best.pt)']
-        gain = compare(m, rows[best_base], seed=cfg['seed'])
-        print(gain_line('gpt', best_base, gain, 'validation'))
-        u = per_user_stats(m['examples'])
-        print(f"gpt per user: NLL mean {u['nll_mean']:.4f} std {u['nll_std']:.4f} p90 {u['nll_p90']:.4f}; "
-              f"HR@10 mean {u['hr@10_mean']:.4f} std {u['hr@10_std']:.4f} p10 {u['hr@10_p10']:.4f}")
-        print(f"gpt: harmonic mean of anchor/tail accuracy {m['hmean']:.4f}, macro recall {m['macro_recall']:.4f}; "
-              f"few-shot tail accuracy (pages seen <= 5 / <= 20 times in training): "
-              f"{fewshot(m, 5)} / {fewshot(m, 20)}")
-        results[split] = {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in rows.items()}
-        results.setdefault('vs_best_baseline', {})[split] = dict(gain, baseline=best_base)
-    if data.split == 'session':   # HeTLM's task: the held-out test session, scored and generated per user
-        import sessions
-        methods = {'gpt (best.pt)': sessions.model_logp(model, dev, uc), 'markov': sessions.markov_logp(data),
-                   'most-popular': sessions.popular_logp(data)}
-        print("\ntest sessions (sessions.py; evaluate.py --outcome=PAGE adds outcome prediction): per user")
-        res = sessions.evaluate_sessions(data, 'test', methods, seed=cfg['seed'], progress=lambda *_: None)
-        print(sessions.session_table(res, uc))
-        results['test_sessions'] = sessions.summary(res)
-    with atomic_output(os.path.join(stage_dir, 'results.json')) as f:   # whole or absent, even after a kill
-        json.dump(plain(results), f, indent=1)
-    return results
-
-
-def fewshot(m, k):
-    """Few-shot tail accuracy with its count; no figure where no target is that rare."""
-    n = m.get(f'n_fewshot{k}', 0)
-    return f"{m[f'acc_fewshot{k}']:.4f} (n={n})" if n else "none (n=0)"
 
 
 def main(argv):

@@ -66,7 +66,11 @@ def scenarios(root):
     import data
     import train
     ds = os.path.join(root, 'shop')
-    data.make_builtin(ds, n_users=300)
+    try:                                   # the simulated shop: shop.py since the learner's-path layout
+        from shop import make_builtin
+    except ImportError:
+        make_builtin = data.make_builtin
+    make_builtin(ds, n_users=300)
     base = dict(train.DEFAULTS, data_dir=ds, dtype='float32', threads=1, time_budget=0.0, search=False,
                 eval_users=200, batch_tokens=512)
     small = dict(base, max_iters=30, eval_interval=10, log_interval=10, block_size=32, n_layer=1, n_embd=32,
@@ -84,8 +88,7 @@ def scenarios(root):
     out['clusters'] = run(cluster.main, [f'--data_dir={ds}', '--k=2', '--n_init=2'])
     c = os.path.join(root, 'c2')
     out['warm start into 2 sets'] = run(train.train, dict(small, out_dir=c, n_clusters=2,
-                                                          init_from=os.path.join(o, 'stage1', 'best.pt'),
-                                                          block_size=base['block_size']))
+                                                          init_from=os.path.join(straight, 'stage1', 'best.pt')))
     out['digests clusters'] = digest_dir(c)
     cool = os.path.join(root, 'cool')
     out['cooldown'] = run(train.train, dict(small, out_dir=cool, max_iters=200, patience=1, learning_rate=3e-2))

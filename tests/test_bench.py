@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bench
-from data import make_builtin
+from shop import make_builtin
 
 
 def test_hardware_reads_flags():

@@ -160,7 +160,8 @@ def test_cli_writes_clusters_and_rejects_bad_settings(tmp_path, capsys):
 
 def test_refinement_reassigns_by_lowest_nll_and_never_raises_total_nll(tmp_path):
     import torch.nn.functional as F
-    from data import get_batch, load_data, make_builtin, train_windows
+    from shop import make_builtin
+    from data import get_batch, load_data, train_windows
     from model import GPT, GPTConfig
     path = str(tmp_path / 'shop')
     make_builtin(path, n_users=80)

@@ -1,12 +1,14 @@
-"""The BehaviorLM curriculum in train.py: stage-1 class weights, the balanced stage-2 subset, stage 2
+"""The BehaviorLM curriculum (curriculum.py, run by train.py): stage-1 class weights, the balanced stage-2 subset, stage 2
 starting from stage 1, and the last-target-only batches of stage 2."""
 
 import numpy as np
 import pytest
 import torch
 
+import curriculum
 import train
-from data import get_batch, load_data, make_builtin, train_windows
+from shop import make_builtin
+from data import get_batch, load_data, train_windows
 from evaluate import classification_metrics
 
 
@@ -14,7 +16,7 @@ def test_balanced_subset_counts_and_difficulty_band():
     rng = np.random.default_rng(0)
     target = np.repeat([4, 5, 6, 7], [1000, 300, 40, 3])          # an anchor, then rarer and rarer
     difficulty = rng.random(len(target))
-    keep = train.balanced_subset(target, difficulty, per_behavior=50, band_low=0.5, band_high=1.0)
+    keep = curriculum.balanced_subset(target, difficulty, per_behavior=50, band_low=0.5, band_high=1.0)
     counts = np.bincount(target[keep], minlength=8)
     assert counts[4] == 50 and counts[5] == 50                     # capped
     assert counts[6] == 40 and counts[7] == 3                      # rare behaviors keep all they have
@@ -24,7 +26,7 @@ def test_balanced_subset_counts_and_difficulty_band():
     # the band is spread, not just the hardest 50
     hardest = np.sort(difficulty[target == 4])[-50:]
     assert difficulty[keep][target[keep] == 4].min() < hardest.min()
-    upper = train.balanced_subset(target, difficulty, 50, band_low=0.0, band_high=0.5)
+    upper = curriculum.balanced_subset(target, difficulty, 50, band_low=0.0, band_high=0.5)
     assert difficulty[upper][target[upper] == 4].max() <= np.median(difficulty[target == 4]) + 1e-3
     assert len(np.unique(keep)) == len(keep)
 
@@ -34,9 +36,9 @@ def test_class_weights_for_anchor_and_tail():
     data.vocab_size = 8
     data.anchor_ids = np.array([4, 5])
     cfg = dict(train.DEFAULTS, tail_weight=0.25)
-    w = train.class_weights(cfg, data)
+    w = curriculum.class_weights(cfg, data)
     assert w[4] == w[5] == w[3] == 1.0 and w[6] == w[7] == 0.25     # <eos> weighs as an anchor
-    assert train.class_weights(dict(cfg, tail_weight=1.0), data) is None  # plain cross-entropy
+    assert curriculum.class_weights(dict(cfg, tail_weight=1.0), data) is None  # plain cross-entropy
 
 
 def test_last_only_batches_keep_one_target_per_row(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import shop  # noqa: E402
 from data import DataError, anchor_split, eval_examples, get_batch, load_data, prepare, train_windows  # noqa: E402
 from tokenizer import BOS, EOS, PAD, UNK  # noqa: E402
 
@@ -224,20 +225,20 @@ def test_anchor_split_rules():
 
 
 def test_builtin_generator_is_deterministic():
-    a, sa = data.simulate_site(n_users=200, seed=7)
-    b, sb = data.simulate_site(n_users=200, seed=7)
-    c, _ = data.simulate_site(n_users=200, seed=8)
+    a, sa = shop.simulate_site(n_users=200, seed=7)
+    b, sb = shop.simulate_site(n_users=200, seed=7)
+    c, _ = shop.simulate_site(n_users=200, seed=8)
     assert a == b and np.array_equal(sa, sb) and a != c
 
 
 def test_builtin_dataset(tmp_path):
-    meta = data.make_builtin(str(tmp_path / "builtin"))
+    meta = shop.make_builtin(str(tmp_path / "builtin"))
     d = data.ensure_builtin(str(tmp_path / "builtin"))  # already there: just loads
     assert 4000 <= meta["n_users"] <= 6000 and 20 <= meta["n_events"] / meta["n_users"] <= 40
     assert meta["settings"]["time_col"] == "time" and meta["n_sessions"] > meta["n_users"]
     assert 300 <= meta["n_pages"] <= 500 and 0 < meta["anchor"]["n_anchors"] < 0.1 * meta["n_pages"]
     assert len(d.segments) == d.n_users and len(np.unique(d.segments)) >= 4
-    assert set(d.tokenizer.pages[4:]) <= set(data.builtin_pages())
+    assert set(d.tokenizer.pages[4:]) <= set(shop.builtin_pages())
     purchase = d.tokenizer.page_id("purchase")
     assert purchase != UNK
     bought = np.array([(d.tokens[d.offsets[u]:d.offsets[u + 1]] == purchase).sum() for u in range(d.n_users)])
@@ -260,7 +261,7 @@ def test_anchor_fallback_when_no_page_passes_the_share():
 
 def test_prepare_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
     # a fresh clone has no data/ folder: the built-in dataset goes to data/builtin
-    meta = data.make_builtin(str(tmp_path / "data" / "builtin"), n_users=30)
+    meta = shop.make_builtin(str(tmp_path / "data" / "builtin"), n_users=30)
     assert load_data(str(tmp_path / "data" / "builtin")).n_users == meta["n_users"] == 30
 
 
@@ -361,14 +362,14 @@ def test_simulator_repeat_knob(tmp_path):
         return hits / len(rows)
 
     # repeat=0 is the log from before the knob existed, event for event (digest of the original generator)
-    rows, seg = data.simulate_site(n_users=60, seed=11, repeat=0.0)
+    rows, seg = shop.simulate_site(n_users=60, seed=11, repeat=0.0)
     assert len(rows) == 1739 and hashlib.sha256(repr(rows).encode()).hexdigest()[:16] == "53e314482297040f"
-    assert rows == data.simulate_site(n_users=60, seed=11)[0]
-    base = revisit_share(data.simulate_site(n_users=300, seed=7)[0])
-    heavy, _ = data.simulate_site(n_users=300, seed=7, repeat=0.8)
-    assert revisit_share(heavy) > base + 0.25 and heavy == data.simulate_site(n_users=300, seed=7, repeat=0.8)[0]
+    assert rows == shop.simulate_site(n_users=60, seed=11)[0]
+    base = revisit_share(shop.simulate_site(n_users=300, seed=7)[0])
+    heavy, _ = shop.simulate_site(n_users=300, seed=7, repeat=0.8)
+    assert revisit_share(heavy) > base + 0.25 and heavy == shop.simulate_site(n_users=300, seed=7, repeat=0.8)[0]
     # repeat=1: after a user's first page every event is a page of their own history, recent ones most
-    every, _ = data.simulate_site(n_users=100, seed=3, repeat=1.0)
+    every, _ = shop.simulate_site(n_users=100, seed=3, repeat=1.0)
     by_user = {}
     for u, _, page in every:
         by_user.setdefault(u, []).append(page)
@@ -376,9 +377,9 @@ def test_simulator_repeat_knob(tmp_path):
     back = [next(k for k in range(1, i + 1) if h[i - k] == p) for h in by_user.values() for i, p in enumerate(h) if i > 0]
     assert np.mean(np.array(back) <= 3) > 0.6  # the most recent pages come back most
     with pytest.raises(ValueError):
-        data.simulate_site(n_users=5, repeat=1.5)
+        shop.simulate_site(n_users=5, repeat=1.5)
     # through make_builtin and the command line, measured as the recipe measures it
     from recipe import data_stats
     data.main(["--builtin", "--n_users=200", "--repeat=0.8", f"--out_dir={tmp_path / 'rep'}"])
-    data.make_builtin(str(tmp_path / "plain"), n_users=200)
+    shop.make_builtin(str(tmp_path / "plain"), n_users=200)
     assert data_stats(load_data(str(tmp_path / "rep")))["repeat_rate"] > data_stats(load_data(str(tmp_path / "plain")))["repeat_rate"] + 0.2

@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 import cluster  # noqa: E402
 import data  # noqa: E402
+import shop  # noqa: E402
 import evaluate  # noqa: E402
 import hetlm  # noqa: E402
 import sample  # noqa: E402
@@ -37,7 +38,7 @@ def ds(tmp_path_factory):
     """A tiny built-in dataset (60 simulated users) and a valid checkpoint for it."""
     root = tmp_path_factory.mktemp("shared")
     path = str(root / "ds")
-    data.make_builtin(path, n_users=60)
+    shop.make_builtin(path, n_users=60)
     d = data.load_data(path)
     torch.manual_seed(0)
     args = dict(block_size=16, vocab_size=d.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False,

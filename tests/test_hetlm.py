@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import hetlm
 from configurator import parse_config
-from data import make_builtin
+from shop import make_builtin
 from model import load_checkpoint
 
 

@@ -9,7 +9,7 @@ import pytest
 import plot
 import train
 from configurator import ConfigError
-from data import make_builtin
+from shop import make_builtin
 
 
 def small_run(tmp_path, stage, **kw):

@@ -12,7 +12,8 @@ import torch
 import predict
 import train
 from configurator import ConfigError
-from data import load_data, make_builtin
+from shop import make_builtin
+from data import load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

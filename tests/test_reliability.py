@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,11 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 import data  # noqa: E402
+import shop  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 import hetlm  # noqa: E402
 import plot  # noqa: E402
 import predict  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from test_errors import snapshot as full_snapshot  # noqa: E402
 
@@ -56,7 +57,7 @@ def world(tmp_path_factory):
     """A small prepared dataset and a finished run on it (copied into each row that needs one)."""
     root = tmp_path_factory.mktemp("world")
     ds = str(root / "ds")
-    data.make_builtin(ds, n_users=80)
+    shop.make_builtin(ds, n_users=80)
     train.main(tiny(str(root / "run"), ds))
     return {"ds": ds, "run": str(root / "run")}
 
@@ -192,8 +193,8 @@ def two_prepares_into_one_folder(t, w, capsys):
 def resume_after_a_kill_in_the_report(t, w, capsys, monkeypatch):
     """Item 6: the time budget moved a run's end; it was killed (Ctrl-C) in its final report. A resume
     only finishes the report: no training, best.pt and ckpt.pt as they were."""
-    real = train.replan
-    monkeypatch.setattr(train, "replan", lambda cfg, it, *a: 6 if it < 6 else real(cfg, it, *a))   # the budget: end at 6
+    real = runtime.replan
+    monkeypatch.setattr(runtime, "replan", lambda cfg, it, *a: 6 if it < 6 else real(cfg, it, *a))   # the budget: end at 6
     monkeypatch.setattr(train, "final_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     flags = tiny(f"{t}/run", w["ds"], "--max_iters=12", "--time_budget=60", "--final_eval=True")
     code, err = invoke(train.main, flags, capsys)
@@ -201,7 +202,7 @@ def resume_after_a_kill_in_the_report(t, w, capsys, monkeypatch):
     ck = torch.load(f"{t}/run/stage1/ckpt.pt", weights_only=True)
     assert ck["iter_num"] == 6 and ck["finished"] == "its end was moved to iteration 6"
     before = snapshot(t)
-    monkeypatch.setattr(train, "replan", real)
+    monkeypatch.setattr(runtime, "replan", real)
     reports = []
     monkeypatch.setattr(train, "final_report", lambda *a, **k: reports.append(a) or {})
     code, err = invoke(train.main, [*flags, "--init_from=resume"], capsys)

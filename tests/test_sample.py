@@ -83,7 +83,8 @@ def test_new_history_goes_to_the_set_with_the_lowest_nll():
 
 def test_session_split_user_shows_the_real_next_session_and_scores(tmp_path, capsys):
     import train
-    from data import load_data, make_builtin
+    from shop import make_builtin
+    from data import load_data
     make_builtin(str(tmp_path / 'd'), n_users=120, split='session')
     cfg = dict(train.DEFAULTS, data_dir=str(tmp_path / 'd'), out_dir=str(tmp_path / 'o'), max_iters=5, eval_interval=5,
                log_interval=5, batch_tokens=512, block_size=32, n_layer=1, n_embd=16, warmup_iters=1, eval_users=50,

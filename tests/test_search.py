@@ -9,7 +9,7 @@ import torch
 
 import search
 import train
-from data import make_builtin
+from shop import make_builtin
 
 
 @pytest.fixture(scope='module')

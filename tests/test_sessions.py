@@ -107,7 +107,7 @@ def test_markov_generates_a_two_page_chain(tmp_path):
 
 def test_evaluate_prints_the_session_task(tmp_path, capsys):
     import evaluate
-    from data import make_builtin
+    from shop import make_builtin
     make_builtin(str(tmp_path / "d"), n_users=150, split="session")
     evaluate.main(["--data_dir", str(tmp_path / "d"), "--baselines_only", "--split=test", "--outcome=purchase",
                    "--outcome_samples=3"])
@@ -123,7 +123,7 @@ def test_model_session_nll_in_windows_matches_one_context_per_target(tmp_path):
     # history, so the windowed scoring must equal a forward pass per target; then a short block
     # (several windows per session) keeps every target and its count
     from model import GPT, GPTConfig
-    from data import make_builtin
+    from shop import make_builtin
     make_builtin(str(tmp_path / "d"), n_users=40, split="session")
     d = load_data(str(tmp_path / "d"))
     users, start, end = sessions.held_out(d, "test")
@@ -151,7 +151,7 @@ def test_model_session_nll_in_windows_matches_one_context_per_target(tmp_path):
 
 def test_train_on_a_session_split_picks_best_by_session_nll(tmp_path):
     import train
-    from data import make_builtin
+    from shop import make_builtin
     make_builtin(str(tmp_path / "d"), n_users=300, split="session")
     cfg = dict(train.DEFAULTS, data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "o"), max_iters=20, eval_interval=10,
                log_interval=10, batch_tokens=512, block_size=32, n_layer=1, n_embd=32, warmup_iters=5, eval_users=100,

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import runtime
 import train
-from data import make_builtin
+from shop import make_builtin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,9 +57,9 @@ def test_checkpoint_loads_weights_only_and_resume_continues_the_run(small_data, 
 
 def test_batch_schedule_is_a_function_of_the_step():
     lengths = np.random.default_rng(0).integers(2, 30, size=1000)
-    s1 = train.BatchSchedule(lengths, 256, 0, 1, seed=7)
-    s2 = train.BatchSchedule(lengths, 256, 0, 1, seed=7)
-    n1 = len(train.epoch_batches(lengths, 256, 0, seed=7))
+    s1 = data.BatchSchedule(lengths, 256, 0, 1, seed=7)
+    s2 = data.BatchSchedule(lengths, 256, 0, 1, seed=7)
+    n1 = len(data.epoch_batches(lengths, 256, 0, seed=7))
     first = [s1(i) for i in range(n1)]
     assert np.array_equal(s2(n1 + 3), s1(n1 + 3))  # jump into epoch 2 directly
     assert np.array_equal(s2(5), first[5])
@@ -67,7 +69,7 @@ def test_batch_schedule_is_a_function_of_the_step():
     spread = np.mean([lengths[b].max() - lengths[b].min() for b in first])
     assert spread < 5  # rows of a batch have similar lengths (bucketing); random rows would spread ~25
     assert len(first[0]) != len(first[-1]) or len(set(map(len, first))) > 1  # short rows -> more rows
-    ranks = [train.BatchSchedule(lengths, 256, r, 2, seed=7) for r in range(2)]
+    ranks = [data.BatchSchedule(lengths, 256, r, 2, seed=7) for r in range(2)]
     assert np.array_equal(ranks[0](3), first[6]) and np.array_equal(ranks[1](3), first[7])
 
 
@@ -129,8 +131,9 @@ def test_clusterwise_training_uses_one_set_per_batch_and_stores_the_assignment(s
     assert info['sizes'] == np.bincount(labels, minlength=3).tolist() and info['refined_from'].endswith('best.pt')
     assert info['moved'] == int((labels != assignment).sum())
     w = train.train_windows(data, 32)
-    groups = train.window_clusters(data, w, assignment)
-    for b in train.epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
+    groups = cluster.window_clusters(data, w, assignment)
+    from data import epoch_batches
+    for b in epoch_batches(w[:, 1] - w[:, 0], 512, 0, 0, groups=groups):
         assert len(np.unique(groups[b])) == 1
 
 
@@ -154,8 +157,8 @@ def test_early_stop_when_validation_stops_improving(small_data, tmp_path, capsys
 
 def test_replan_fits_the_budget_and_keeps_a_plan_that_fits():
     cfg = dict(train.DEFAULTS, max_iters=1000, eval_interval=50)
-    assert train.replan(cfg, 100, 0.01, 1.0, 60.0) is None           # 9 s of steps + 18 s of validation: fits
-    new = train.replan(cfg, 100, 0.1, 1.0, 60.0)                     # 90 s + 18 s does not
+    assert runtime.replan(cfg, 100, 0.01, 1.0, 60.0) is None           # 9 s of steps + 18 s of validation: fits
+    new = runtime.replan(cfg, 100, 0.1, 1.0, 60.0)                     # 90 s + 18 s does not
     assert 100 < new < 1000 and (new - 100) * (0.1 + 1.0 / 50) <= 60.0 + 1e-9
     assert (new + 1 - 100) * (0.1 + 1.0 / 50) > 60.0                 # and no shorter than it must be
 
