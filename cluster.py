@@ -401,6 +401,48 @@ def run(cfg):
     return labels, info
 
 
+# -----------------------------------------------------------------------------
+# a new user: the parameter set with the lowest NLL on their pages (predict.py, sample.py)
+
+def set_nll(model, device, contexts):
+    """(K, N) NLL per page of each context's last block_size + 1 tokens under each of the model's K
+    parameter sets: HeTLM's rule puts a new history in the set with the lowest (predict.py,
+    sample.py). Batched: one pass per set and batch of similar length; NaN for a context with no
+    page target (pick_set then takes set 0)."""
+    from sessions import model_logp
+    K, block = model.config.n_clusters, model.config.block_size
+    x = [np.asarray(c[-block - 1:], dtype=np.int64) for c in contexts]
+    order = np.argsort([len(c) for c in x], kind="stable")
+    nll = np.full((K, len(x)), math.nan)
+    for c in range(K):
+        logp = model_logp(model, device, np.full(len(x), c))
+        per = logp.rows_per_pass(block, block)
+        for s in range(0, len(order), per):
+            b = order[s:s + per]
+            T = max(len(x[i]) for i in b) - 1
+            if T < 1:
+                continue
+            tgt = np.full((len(b), T), -1, dtype=np.int64)   # targets aligned to the end, as logp's positions
+            for j, i in enumerate(b):
+                if len(x[i]) > 1:
+                    tgt[j, T - len(x[i]) + 1:] = x[i][1:]
+            lp = logp([x[i][:-1] if len(x[i]) > 1 else x[i] for i in b], b, T)          # (B, T, V)
+            t = torch.from_numpy(tgt)
+            keep = t >= N_SPECIAL
+            got = lp.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
+            n = keep.sum(1)
+            nll[c, b] = torch.where(n > 0, -(torch.where(keep, got, 0.0)).sum(1) / n.clamp(min=1), math.nan).numpy()
+    return nll
+
+
+def pick_set(nll):
+    """(K, N) set_nll -> (N,) the set with the lowest NLL; set 0 where no set has a page to score."""
+    return np.where(np.isnan(nll), np.inf, nll).argmin(0)
+
+
+# -----------------------------------------------------------------------------
+# the sets in training: each user's cluster, each window's
+
 def window_clusters(data, windows, user_clusters):
     """Cluster id of each window's user, or None without clusters."""
     if user_clusters is None:

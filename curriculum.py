@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from configurator import Progress
 from data import epoch_batches, get_batch, train_windows
+from tokenizer import N_SPECIAL
 
 
 def class_weights(cfg, data):
@@ -66,7 +67,7 @@ def target_difficulty(model, data, windows, device, batch_tokens=4096, groups=No
     pos, tgt, ce = [], [], []
     for rows in Progress(batches, desc='difficulty', unit='batch', leave=False):
         x, y = get_batch(data, windows, rows)
-        keep = y >= 4                                       # pages only: behaviors, not <eos>/<unk>
+        keep = y >= N_SPECIAL                               # pages only: behaviors, not <eos>/<unk>
         y[~keep] = -1
         cid = None if groups is None else torch.from_numpy(groups[rows]).to(device)
         logits, _ = model(x.to(device), y.to(device), cluster_ids=cid)  # (N, V) at the kept targets
@@ -141,5 +142,5 @@ def selection_metric(stage, data):
     """best_metric=auto: stage 2 picks its checkpoint by the harmonic mean of anchor and tail
     accuracy (where both kinds of target exist); stage 1 by NDCG@10 (session NLL on the session task)."""
     a = data.meta['anchor']
-    both = 0 < a['n_anchors'] < data.vocab_size - 4
+    both = 0 < a['n_anchors'] < data.vocab_size - N_SPECIAL
     return 'hmean' if stage == 2 and both else 'session_nll' if data.split == 'session' else 'ndcg@10'

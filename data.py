@@ -504,14 +504,20 @@ class BatchSchedule:
         return self._load(epoch)[j * self.world + self.rank]
 
 
+def pick_users(users, max_users, seed):
+    """Indices of a fixed random subset of `users`, in order (all when max_users is 0 or None)."""
+    if max_users and max_users < len(users):
+        return np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
+    return np.arange(len(users))
+
+
 def eval_examples(data, split, max_users=None, seed=0):
     """(users, ctx_start, ctx_end, targets) int64, one row per evaluable user; target = tokens[ctx_end].
     max_users > 0 keeps a fixed random subset (same seed -> same users, so periodic evaluations and
     the baselines' choices on validation are comparable)."""
     pos = {"val": data.val_pos, "test": data.test_pos}[split]
     users = np.flatnonzero(np.asarray(pos) >= 0).astype(np.int64)
-    if max_users and max_users < len(users):
-        users = np.sort(users[np.random.default_rng(seed).choice(len(users), size=max_users, replace=False)])
+    users = users[pick_users(users, max_users, seed)]
     ctx_end = np.asarray(pos[users], dtype=np.int64)
     return users, data.offsets[users].astype(np.int64), ctx_end, data.tokens[ctx_end].astype(np.int64)
 

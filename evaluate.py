@@ -1,7 +1,7 @@
 """
 Next-page evaluation: leave-last-out, full ranking over all pages, as SASRec and RecBole report it.
 
-Protocol (README, "Evaluation protocol"):
+Protocol (docs/how-it-works.md, "Evaluation protocol (next page)"):
   1. each user with >= 3 pages has one validation target (the page before the last) and one test
      target (the last page); the context is everything before the target (truncated for the model);
   2. every page in the vocabulary is ranked for every example (no sampled negatives); special
@@ -371,7 +371,7 @@ def final_report(best_path, data, cfg, dev, stage_dir, search=None):
         base = baselines.evaluate(split)
         rows.update(base)
         best_base = best_base or baselines.best(base)           # chosen on validation, kept for test
-        print(f"\n{split} split, full ranking over {data.vocab_size - 4:,} pages "
+        print(f"\n{split} split, full ranking over {data.vocab_size - N_SPECIAL:,} pages "
               f"(stage {cfg['stage']}, best.pt from iteration {ckpt['iter_num']}):")
         print(format_table(rows))
         m = rows['gpt (best.pt)']

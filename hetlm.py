@@ -29,7 +29,6 @@ learning rate); the two controls keep their best validation checkpoint, which ca
 All selection (K, checkpoints) uses the validation split; the test split is scored once per model.
 """
 
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 import cluster
 import train
 from configurator import ConfigError, run_main
-from data import DataError, ensure_builtin, load_data
+from data import DataError, ensure_builtin, load_data, read_json as data_read_json
 from files import hold, release, write_atomic
 from runtime import plain
 from evaluate import evaluate_model, per_user_by_cluster
@@ -89,9 +88,8 @@ def run_train(cfg, name, last=False, **over):
 def read_json(path):
     """done.json's settings, or None where it cannot be read (cut short: the run is trained again)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return data_read_json(path)
+    except DataError:
         print(f"note: {path} is not readable JSON (cut short?): that run is trained again")
         return None
 

@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from tokenizer import N_SPECIAL
+
 # -----------------------------------------------------------------------------
 split = 'test'           # the split best.pt is scored on for the per-user, frequency and stage figures
 device = 'auto'
@@ -135,7 +137,7 @@ def plot_per_user(plt, m, uc, path, split):
 def plot_frequency(plt, m, data, path, split):
     ex = m['examples']
     counts = np.asarray(data.tokenizer.counts)                           # training count of every id
-    known = ex['target'] >= 4
+    known = ex['target'] >= N_SPECIAL
     seen = np.where(known, counts[np.where(known, ex['target'], 0)], 0)
     bucket = np.digitize(seen, [0, 5, 20, 100, 1000, 10000], right=True)   # 0: never seen (<unk>), 1: 1-5, ...
     labels = ['unseen', '1-5', '6-20', '21-100', '101-1,000', '1,001-10,000', '>10,000']

@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+import cluster
 import sessions
 from configurator import Progress
 from tokenizer import EOS, N_SPECIAL
@@ -74,10 +75,10 @@ class Predictor:
 
     def cluster_of(self, contexts):
         """HeTLM's rule for new histories: per row, the parameter set with the lowest NLL of its pages
-        (sessions.set_nll, as sample.py)."""
+        (cluster.set_nll, as sample.py)."""
         if self.model.config.n_clusters == 1:
             return np.zeros(len(contexts), dtype=np.int64)
-        return sessions.pick_set(sessions.set_nll(self.model, self.device, contexts))
+        return cluster.pick_set(cluster.set_nll(self.model, self.device, contexts))
 
     def rank(self, contexts, k=10, exclude_seen=False, rows=None, progress=False):
         """contexts: lists of token ids; rows: each one's user index into self.clusters (dataset

@@ -76,8 +76,8 @@ def next_page_probs(model, ids, device, cluster=0):
 @torch.no_grad()
 def assign_cluster(model, ids, device):
     """HeTLM's rule for a new user: the parameter set with the lowest NLL on the user's pages
-    (sessions.set_nll, as predict.py). Returns (cluster, NLL of each set)."""
-    from sessions import pick_set, set_nll
+    (cluster.set_nll, as predict.py). Returns (cluster, NLL of each set)."""
+    from cluster import pick_set, set_nll
     nll = set_nll(model, device, [ids])
     return int(pick_set(nll)[0]), nll[:, 0].tolist()
 

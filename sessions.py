@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from configurator import Progress
-from data import DataError
+from data import DataError, pick_users
 from baselines import bigram_logp, popularity
-from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK
+from tokenizer import BOS, EOS, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
 ROW_TOKENS = 1 << 14     # context tokens per model pass (as evaluate.EVAL_TOKENS)
@@ -57,13 +57,6 @@ def held_out(data, split):
     end = (np.asarray(data.test_pos, dtype=np.int64)[users] - 1 if split == "val"
            else np.asarray(data.offsets, dtype=np.int64)[users + 1])
     return users, start, end
-
-
-def pick_users(users, max_users, seed):
-    """Indices of a fixed random subset of `users` (all when max_users is 0 or None)."""
-    if max_users and max_users < len(users):
-        return np.sort(np.random.default_rng(seed).choice(len(users), size=max_users, replace=False))
-    return np.arange(len(users))
 
 
 def train_session_lengths(data):
@@ -140,7 +133,8 @@ def spread(x):
 # three next-token models behind one interface: logp(contexts) -> (B, V) log-probs over pages and
 # <eos> (-inf on <pad> <unk> <bos>), contexts = lists of token ids ending where the next token goes
 
-def allowed_mask(V, device="cpu"):
+def forbidden_mask(V, device="cpu"):
+    """(V,) True at the tokens a session never holds (<pad> <unk> <bos>): their logits are -inf."""
     m = torch.zeros(V, dtype=torch.bool, device=device)
     m[[PAD, UNK, BOS]] = True
     return m
@@ -150,7 +144,7 @@ def model_logp(model, device, clusters=None):
     """The GPT: each context keeps its last block_size tokens, right-padded (as evaluate.model_scores).
     clusters: each user's parameter set (n_users,), or None."""
     block = model.config.block_size
-    masked = allowed_mask(model.config.vocab_size, device)
+    masked = forbidden_mask(model.config.vocab_size, device)
 
     @torch.inference_mode()
     def logp(contexts, rows=None, n_last=1):
@@ -173,41 +167,6 @@ def model_logp(model, device, clusters=None):
                                                         ROW_LOGITS // (n_last * model.config.vocab_size)))
     logp.block = block
     return logp
-
-
-def set_nll(model, device, contexts):
-    """(K, N) NLL per page of each context's last block_size + 1 tokens under each of the model's K
-    parameter sets: HeTLM's rule puts a new history in the set with the lowest (predict.py,
-    sample.py). Batched: one pass per set and batch of similar length; NaN for a context with no
-    page target (pick_set then takes set 0)."""
-    K, block = model.config.n_clusters, model.config.block_size
-    x = [np.asarray(c[-block - 1:], dtype=np.int64) for c in contexts]
-    order = np.argsort([len(c) for c in x], kind="stable")
-    nll = np.full((K, len(x)), math.nan)
-    for c in range(K):
-        logp = model_logp(model, device, np.full(len(x), c))
-        per = logp.rows_per_pass(block, block)
-        for s in range(0, len(order), per):
-            b = order[s:s + per]
-            T = max(len(x[i]) for i in b) - 1
-            if T < 1:
-                continue
-            tgt = np.full((len(b), T), -1, dtype=np.int64)   # targets aligned to the end, as logp's positions
-            for j, i in enumerate(b):
-                if len(x[i]) > 1:
-                    tgt[j, T - len(x[i]) + 1:] = x[i][1:]
-            lp = logp([x[i][:-1] if len(x[i]) > 1 else x[i] for i in b], b, T)          # (B, T, V)
-            t = torch.from_numpy(tgt)
-            keep = t >= N_SPECIAL
-            got = lp.gather(2, t.clamp(min=0).unsqueeze(2)).squeeze(2)
-            n = keep.sum(1)
-            nll[c, b] = torch.where(n > 0, -(torch.where(keep, got, 0.0)).sum(1) / n.clamp(min=1), math.nan).numpy()
-    return nll
-
-
-def pick_set(nll):
-    """(K, N) set_nll -> (N,) the set with the lowest NLL; set 0 where no set has a page to score."""
-    return np.where(np.isnan(nll), np.inf, nll).argmin(0)
 
 
 def markov_logp(data, beta=1.0):
@@ -306,7 +265,7 @@ def popular_greedy(data, n_sessions):
 # the whole evaluation
 
 def evaluate_sessions(data, split, methods, max_users=None, seed=1337, max_len=None, outcome=None,
-                      outcome_samples=10, clusters=None, progress=print):
+                      outcome_samples=10, progress=print):
     """methods: {name: logp function} (model_logp / markov_logp / popular_logp). Returns
     {name: {"users": (n,), per-user arrays..., "outcome": {...}}} and prints progress lines."""
     users, start, end = held_out(data, split)

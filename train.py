@@ -54,6 +54,7 @@ from data import BatchSchedule, DataError, describe_anchors, load_data, ensure_b
 from cluster import load_clusters, window_clusters
 import curriculum
 from recipe import AUTO, data_stats, derive, describe
+from tokenizer import N_SPECIAL
 from evaluate import COLUMNS, LOWER_IS_BETTER, evaluate_model, final_report, per_user_scores
 import search as settings_search
 from sessions import mean_session_nll
@@ -63,11 +64,12 @@ from sessions import mean_session_nll
 # I/O
 out_dir = 'out'                # checkpoints and results go to out_dir/stage{stage}/
 data_dir = 'data/builtin'      # prepared by data.py; data/builtin is generated when missing
-stage = 1                      # curriculum stage: 1 = anchor stage, 2 = balanced stage (from stage 1's best.pt)
+stage = 1                      # curriculum stage: 1 = every behavior (BehaviorLM's anchor stage when tail_weight < 1),
+                               # 2 = the balanced stage (from stage 1's best.pt; curriculum.py)
 init_from = 'scratch'          # 'scratch', 'resume' (from out_dir/stage{stage}/ckpt.pt), or a checkpoint
                                #   path whose weights start a new run: a 1-set model is copied into
                                #   every cluster's set (HeTLM warm start; hetlm.py uses it)
-eval_interval = 0              # iterations between validation runs (and checkpoints); 0 = about 20 per run
+eval_interval = 0              # data: iterations between validation runs (and checkpoints); 0 = about 20 per run
 log_interval = 50              # iterations between log lines
 eval_users = 10000             # validation users scored at each eval (0 = all); final eval uses all.
                                #   NDCG@10 on 2,000 users moved by ~0.01 between evals of one model, more
@@ -126,7 +128,8 @@ band_low = 0.0                 # stage 2: difficulty band of each behavior, as q
 band_high = 1.0                #   samples are spread evenly over it; dropping the easiest (band_low > 0)
                                #   lowered validation anchor/tail accuracy on the built-in data (README)
 kl_weight = 0.0                # stage 2: weight of KL(stage-1 model || model) at the chosen targets
-prior_keep = 0.75              # stage 2: 0 = learn the subset's balanced prior; 1 = keep the data's prior
+prior_keep = 0.75              # stage 2 (this project's addition, not BehaviorLM's): 0 = learn the subset's
+                               # balanced prior (the paper); 1 = keep the data's prior (curriculum.py)
                                #   (logits + log(subset rate / data rate) in the loss: balanced softmax)
 stage2_learning_rate = 5e-4    # stage 2: peak learning rate (decays to a tenth), lower than stage 1
 stage2_iters = 500             # stage 2: iterations (max_iters is stage 1's)
@@ -201,7 +204,7 @@ def check_config(cfg):
     if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
         raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
     if cfg['stage'] not in (1, 2):
-        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (anchor stage) or 2 (balanced stage)")
+        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (every behavior) or 2 (the balanced stage)")
     if cfg['init_from'] not in ('scratch', 'resume'):   # a checkpoint to warm-start from
         if cfg['stage'] == 2:
             raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
@@ -323,7 +326,7 @@ class Run(Machinery):
             raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
                               f"(prepared with --split={data.split}, not --split=session)")
         if self.talk:
-            print(describe_anchors({'n_pages': data.vocab_size - 4, **a}))
+            print(describe_anchors({'n_pages': data.vocab_size - N_SPECIAL, **a}))
         return data
 
     def runs_we_continue(self):

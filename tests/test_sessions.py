@@ -132,7 +132,7 @@ def test_model_session_nll_in_windows_matches_one_context_per_target(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=longest, vocab_size=d.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
     total, known, unk = sessions.session_nll(sessions.model_logp(model, "cpu"), d, users, start, end)
-    masked = sessions.allowed_mask(d.vocab_size)
+    masked = sessions.forbidden_mask(d.vocab_size)
     for i, u in enumerate(users):
         nll, n_unk = 0.0, 0
         for t in range(start[i], end[i]):
@@ -164,6 +164,6 @@ def test_train_on_a_session_split_picks_best_by_session_nll(tmp_path):
 
 def test_a_history_with_no_page_to_score_goes_to_set_0():
     import math
-    from sessions import pick_set
+    from cluster import pick_set
     nll = np.array([[math.nan, 2.0, 1.0], [math.nan, 0.5, 3.0]])   # (K, N): the first history has no page
     assert pick_set(nll).tolist() == [0, 1, 0]
