@@ -198,7 +198,7 @@ def default_model(data, dev, dropout=0.0):
     torch.manual_seed(tc['seed'])
     return GPT(GPTConfig(block_size=tc['block_size'], vocab_size=data.vocab_size, n_layer=tc['n_layer'],
                          n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout,
-                         repeat_bias=tc['repeat_bias'])).to(dev).eval()
+                         repeat_bias=tc['repeat_bias'], repeat_decay=tc['repeat_decay'])).to(dev).eval()
 
 
 def bench_prepare(path):

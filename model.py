@@ -53,6 +53,8 @@ class GPTConfig:
                                 # 'norms': shared weights, per-cluster LayerNorm gains and output bias
     repeat_bias: bool = False # the repeat term: pages already in the context get a learned logit bias by
                               # the age of their latest visit (GPT.repeat_terms); False in older checkpoints
+    repeat_decay: bool = False  # and a learned weight on log(sum of gamma^age over all their visits),
+                                # gamma learned too (the recency baseline's own form); needs repeat_bias
 
 
 class SetLinear(nn.Module):
@@ -296,6 +298,9 @@ class GPT(nn.Module):
         # the repeat term (repeat_terms): one logit offset per age bucket of a page's latest visit in the
         # context, and a weight on log(visits); shared by every parameter set
         self.repeat_w = nn.Parameter(torch.zeros(REPEAT_BUCKETS + 1)) if config.repeat_bias else None
+        # [logit of gamma, weight]: gamma starts at 0.8, the weight at 0 (the term starts off)
+        self.repeat_d = (nn.Parameter(torch.tensor([math.log(0.8 / 0.2), 0.0]))
+                         if config.repeat_bias and config.repeat_decay else None)
         # weight tying: a page's input embedding is its output embedding, so a page seen only in
         # contexts still gets a useful output vector (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -399,6 +404,13 @@ class GPT(nn.Module):
         live = (j <= i) & (nxt[:, None, :] > i) & (idx[:, None, :] >= N_SPECIAL)  # (B, n, T)
         w = self.repeat_w
         vals = w[age_bucket(i - j + 1)] + w[-1] * visits.float().log()[:, None, :]
+        if self.repeat_d is not None:   # + v * log(sum over the page's visits k <= i of gamma^(i - k))
+            gamma = torch.sigmoid(self.repeat_d[0])
+            lag = (ar[:, None] - ar[None, :]).float()                              # (T, T): i - k
+            G = torch.where(lag >= 0, gamma ** lag.clamp(min=0), 0.0)             # [k <= i] gamma^(i - k)
+            Gi = G[None].expand(B, T, T) if at is None else G[at]                  # (B, n, T)
+            S = torch.bmm(Gi, same.float())                                        # (B, n, T) at each page j
+            vals = vals + self.repeat_d[1] * S.clamp(min=1e-30).log()
         pages = torch.where(live, idx[:, None, :], 0)
         return pages, torch.where(live, vals, 0.0)
 
@@ -469,13 +481,14 @@ class GPT(nn.Module):
         stacked per-cluster gains (K, C) are not decayed)."""
         mats = {id(m.weight) for m in self.modules() if isinstance(m, (SetLinear, SetEmbedding))}
         params = [p for p in self.parameters() if p.requires_grad]
-        fast = {id(self.repeat_w)} if self.repeat_w is not None else set()
+        fast = {id(p) for p in (self.repeat_w, self.repeat_d) if p is not None}
         decay = [p for p in params if id(p) in mats]
         no_decay = [p for p in params if id(p) not in mats and id(p) not in fast]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         if fast:   # train.py sets each group's lr to the schedule's times its lr_scale
-            groups.append({'params': [self.repeat_w], 'weight_decay': 0.0, 'lr_scale': REPEAT_LR_SCALE})
+            groups.append({'params': [p for p in (self.repeat_w, self.repeat_d) if p is not None],
+                           'weight_decay': 0.0, 'lr_scale': REPEAT_LR_SCALE})
         # fused AdamW runs on CPU and CUDA in recent PyTorch; fall back to foreach where it does not
         extra = {}
         if 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cpu', 'cuda'):
@@ -607,7 +620,7 @@ def expand_state(state, model):
     out = {}
     for name, want in model.state_dict().items():
         if name not in state:
-            if name in ('page_bias', 'repeat_w'):   # a plain GPT / an older run has none: start at 0
+            if name in ('page_bias', 'repeat_w', 'repeat_d'):   # a plain GPT / an older run has none: its start
                 out[name] = want
                 continue
             raise ValueError(f"{name} is missing from the checkpoint")

@@ -98,6 +98,7 @@ dropout = -1.0                 # data
 bias = False
 repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
                                # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
+repeat_decay = False           # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
 # AdamW
 learning_rate = 0.0            # data: peak learning rate
 max_iters = 0                  # data: from `epochs`; the time budget may shorten it
@@ -152,8 +153,8 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope',
-              'repeat_bias')
-OLDER_CHECKPOINTS = {'repeat_bias': False}   # model_args a checkpoint from before the setting lacks
+              'repeat_bias', 'repeat_decay')
+OLDER_CHECKPOINTS = {'repeat_bias': False, 'repeat_decay': False}   # model_args a checkpoint from before the setting lacks
 
 
 def get_lr(it, cfg, cool=None):
@@ -380,7 +381,7 @@ class Run(Machinery):
         self.model_args = dict(block_size=cfg['block_size'], vocab_size=self.data.vocab_size, n_layer=cfg['n_layer'],
                                n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
                                n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'],
-                               repeat_bias=cfg['repeat_bias'])
+                               repeat_bias=cfg['repeat_bias'], repeat_decay=cfg['repeat_decay'])
         self.model = GPT(GPTConfig(**self.model_args)).to(self.dev)
         if ckpt is None and self.ref_model is not None:   # stage 2 starts as stage 1's model
             self.model.load_state_dict(self.ref_model.state_dict())

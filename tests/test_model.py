@@ -190,6 +190,35 @@ def test_repeat_term_by_age_of_latest_visit_and_visits():
     assert not tiny().state_dict().keys() & {'repeat_w'}          # off: the model of older checkpoints
 
 
+def test_repeat_decay_adds_the_log_of_decayed_visits():
+    """repeat_decay: + v * log(sum over the page's visits k <= i of gamma^(i - k)), gamma = sigmoid(theta);
+    against the definition, and the chunked loss's gradient against the full logits'."""
+    import math
+    m = tiny(repeat_bias=True, repeat_decay=True)
+    torch.nn.init.normal_(m.repeat_w)
+    with torch.no_grad():
+        m.repeat_d.copy_(torch.tensor([0.7, 0.9]))
+    idx = torch.randint(0, 12, (3, 14))
+    gamma, v = torch.sigmoid(m.repeat_d[0]).item(), m.repeat_d[1].item()
+    with torch.no_grad():
+        logits, _ = m(idx)
+        plain = m.head(m.hidden_states(idx))
+    for b in range(3):
+        for i in range(14):
+            want = brute_repeat(m.repeat_w.detach(), idx, b, i, 37)
+            for page in set(idx[b, :i + 1].tolist()) - {0, 1, 2, 3}:
+                want[page] += v * math.log(sum(gamma ** (i - k) for k in range(i + 1) if idx[b, k] == page))
+            assert torch.allclose(logits[b, i] - plain[b, i], want, atol=1e-5)
+    m.train()
+    tgt = torch.randint(4, 37, (3, 14))
+    grads = []
+    for full in (True, False):
+        m.zero_grad()
+        m(idx, tgt, return_logits=full)[1].backward()
+        grads.append(m.repeat_d.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
 def test_repeat_term_learns_never_again_and_again():
     """On a log where the next page is never one already seen, the repeat offsets go negative; where it
     is always the page before last, that age's offset goes up."""
