@@ -263,10 +263,14 @@ REPEAT_LR_SCALE = 10  # the repeat weights' learning rate, times the run's: a ha
                       # may need to move by several units (about 1 per 1,000 steps at 1e-3 otherwise)
 
 
+AGE_EDGES = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)   # a bucket holds the ages up to its edge
+
+
 def age_bucket(age):
-    """(...) ages >= 1 (long) -> their bucket in [0, REPEAT_BUCKETS): 1-4 alone, then powers of two."""
-    log2 = torch.floor(torch.log2((age - 1).clamp(min=1).double())).long() + 1      # (age - 1).bit_length()
-    return torch.where(age <= 4, age - 1, log2 + 1).clamp(0, REPEAT_BUCKETS - 1)
+    """(...) ages >= 1 (long) -> their bucket in [0, REPEAT_BUCKETS): 1-4 alone, then powers of two
+    (5-8, 9-16, ...), in integers (no float64: MPS has none)."""
+    edges = torch.tensor(AGE_EDGES, dtype=age.dtype, device=age.device)
+    return torch.bucketize(age, edges).clamp(max=REPEAT_BUCKETS - 1)
 
 
 SCOPES = ('all', 'blocks', 'norms')  # what each cluster owns: everything (K independent models),
@@ -405,12 +409,13 @@ class GPT(nn.Module):
         w = self.repeat_w
         vals = w[age_bucket(i - j + 1)] + w[-1] * visits.float().log()[:, None, :]
         if self.repeat_d is not None:   # + v * log(sum over the page's visits k <= i of gamma^(i - k))
-            gamma = torch.sigmoid(self.repeat_d[0])
-            lag = (ar[:, None] - ar[None, :]).float()                              # (T, T): i - k
-            G = torch.where(lag >= 0, gamma ** lag.clamp(min=0), 0.0)             # [k <= i] gamma^(i - k)
-            Gi = G[None].expand(B, T, T) if at is None else G[at]                  # (B, n, T)
-            S = torch.bmm(Gi, same.float())                                        # (B, n, T) at each page j
-            vals = vals + self.repeat_d[1] * S.clamp(min=1e-30).log()
+            # = v * ((i - j) log gamma + log R[j]) at the latest visit j, R[j] = sum over visits k <= j
+            # of gamma^(j - k) >= 1: exact in fp32 whatever the ages, elementwise (no bf16 matmul)
+            log_gamma = F.logsigmoid(self.repeat_d[0].float())
+            lag = (ar[:, None] - ar[None, :]).float()                              # (T, T): j - k
+            G = torch.where(lag >= 0, (lag.clamp(min=0) * log_gamma).exp(), 0.0)   # [k <= j] gamma^(j - k)
+            R = (same.float() * G).sum(2)                                          # (B, T)
+            vals = vals + self.repeat_d[1] * ((i - j).float() * log_gamma + R.log()[:, None, :])
         pages = torch.where(live, idx[:, None, :], 0)
         return pages, torch.where(live, vals, 0.0)
 
@@ -531,6 +536,8 @@ def check_gpt_config(config):
                           f"need n_clusters >= 1 and a scope in {SCOPES}")
     if c.n_embd % c.n_head:
         raise ConfigError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
+    if c.repeat_decay and not c.repeat_bias:
+        raise ConfigError("repeat_decay=True needs repeat_bias=True (it is a part of the repeat term)")
     if not 0 <= c.dropout < 1:
         raise ConfigError(f"dropout={c.dropout}: must be in [0, 1)")
     # an upper bound (every weight per cluster), in Python ints: embeddings + head bias + blocks

@@ -15,7 +15,7 @@ training step costs many times its share of the machine (measured: 10x slower be
 on 2 cores, where sharing should cost 2x; docs/performance.md). A run therefore uses as many
 threads as there are cores left to it: every core while the machine is free, fewer while other
 processes keep cores busy, looked at again every `every` seconds (the other job may start or end
-during the run). Under DDP the processes of the run share the cores (train.setup_distributed) and
+during the run). Under DDP the processes of the run share the cores (setup_distributed, below) and
 this is off.
 """
 
@@ -34,26 +34,32 @@ from model import expand_state, pick_dtype, read_checkpoint, resolve_device
 
 
 def usable_cores():
-    """Cores this process may run on (its CPU affinity, as a container or taskset sets it)."""
+    """The CPUs this process may run on (its affinity, as a container or taskset sets it), as a set."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
 
 
-def busy_seconds():
-    """CPU seconds every process of the machine has spent busy (not idle or waiting on I/O), from
-    /proc/stat; None where there is no /proc/stat."""
+def busy_seconds(cpus):
+    """CPU seconds all processes have spent busy (not idle or waiting on I/O) on the given CPUs,
+    from /proc/stat's cpuN lines; None where there is no /proc/stat."""
     try:
         with open('/proc/stat') as f:
-            fields = f.readline().split()
+            lines = f.read().splitlines()
     except OSError:
         return None
-    if not fields or fields[0] != 'cpu':
-        return None
-    ticks = [int(x) for x in fields[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf('SC_CLK_TCK')
+    busy = 0
+    for line in lines:
+        fields = line.split()
+        if not fields or not fields[0].startswith('cpu') or fields[0] == 'cpu' or int(fields[0][3:]) not in cpus:
+            continue
+        ticks = [int(x) for x in fields[1:]]
+        busy += sum(ticks[:8]) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+    return busy / os.sysconf('SC_CLK_TCK')
+
+
+TORCH_THREADS = torch.get_num_threads()   # torch's own choice (OMP_NUM_THREADS, or one per core), at import
 
 
 class CpuShare:
@@ -62,11 +68,13 @@ class CpuShare:
     and changes torch's thread count when the share changed; why says what it decided."""
 
     def __init__(self, threads=0, every=10.0):
-        self.cores, self.every, self.fixed = usable_cores(), every, threads > 0
-        self.last = None
+        self.cpus = usable_cores()
+        self.cores = min(len(self.cpus), TORCH_THREADS)   # never more than torch would use (SMT, OMP_NUM_THREADS)
+        self.every, self.last = every, None
+        self.fixed = threads > 0 or 'OMP_NUM_THREADS' in os.environ
         if self.fixed:
-            torch.set_num_threads(threads)
-            self.why = 'as set'
+            torch.set_num_threads(threads if threads > 0 else TORCH_THREADS)
+            self.why = 'as set' if threads > 0 else 'as OMP_NUM_THREADS says'
         else:
             self.set(self.cores, 'one per core')
             self.look(wait=0.25)            # a first look, before the run starts timing anything
@@ -77,7 +85,7 @@ class CpuShare:
         self.why = why
 
     def sample(self):
-        return time.monotonic(), busy_seconds(), time.process_time()
+        return time.monotonic(), busy_seconds(self.cpus), time.process_time()
 
     def look(self, wait=0.0):
         """Measure the other processes' load since the last look (or over `wait` seconds now) and

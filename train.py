@@ -142,15 +142,15 @@ clusters = ''                  # int64 cluster per user (.npy); '' = data_dir/cl
 # system
 device = 'auto'                # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 threads = 0                    # CPU threads; 0: one per core while the machine is free, fewer while other
-                               # jobs keep cores busy (looked at every 10 s; runtime.CpuShare)
+                               # jobs keep cores busy (looked at again at log lines, >= 10 s apart; runtime.CpuShare)
 dtype = 'auto'                 # 'float32', 'bfloat16' (autocast), or 'auto': bf16 where it trains faster
                                #   (a bf16 GPU; a CPU with AMX / AVX512-BF16 when a few timed steps say so),
                                #   fp32 elsewhere; printed. bf16 matched fp32's validation NDCG@10 (README)
 compile = False                # torch.compile the model (checkpoints still hold the plain weights)
 seed = 1337
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in dict(globals()).items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()   # the settings: lowercase globals (not imported CONSTANTS)
+            if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))}
 
 MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope',
               'repeat_bias', 'repeat_decay')

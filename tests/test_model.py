@@ -219,6 +219,31 @@ def test_repeat_decay_adds_the_log_of_decayed_visits():
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
+def test_repeat_term_in_the_bf16_chunked_loss_with_padding_rows(monkeypatch):
+    """Under bf16 autocast the chunked loss pads rows to LOW_PRECISION_ROWS; the repeat term's pages
+    and values are padded with them: loss and gradients near fp32's."""
+    m = tiny(vocab_size=300, repeat_bias=True, repeat_decay=True).train()
+    torch.nn.init.normal_(m.repeat_w)
+    idx = torch.randint(0, 40, (3, 16))
+    tgt = torch.randint(4, 300, (3, 16))
+    tgt[0, 10:] = -1                                     # 38 rows: not a multiple of the padding
+    out = []
+    for bf16 in (False, True):
+        m.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            _, loss = m(idx, tgt, return_logits=False)
+        loss.backward()
+        out.append((loss.item(), m.repeat_w.grad.clone(), m.repeat_d.grad.clone()))
+    assert abs(out[0][0] - out[1][0]) < 0.02
+    assert torch.allclose(out[0][1], out[1][1], atol=2e-3) and torch.allclose(out[0][2], out[1][2], atol=2e-3)
+
+
+def test_repeat_decay_needs_the_repeat_term():
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="repeat_decay=True needs repeat_bias=True"):
+        tiny(repeat_decay=True)
+
+
 def test_repeat_term_learns_never_again_and_again():
     """On a log where the next page is never one already seen, the repeat offsets go negative; where it
     is always the page before last, that age's offset goes up."""
