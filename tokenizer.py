@@ -14,7 +14,6 @@ and loaded by train.py / evaluate.py / sample.py through data.load_data() or the
 """
 
 import json
-import os
 
 import numpy as np
 
@@ -69,11 +68,10 @@ class PageTokenizer:
         return [self.pages[int(i)] for i in ids]
 
     def save(self, path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        from files import atomic_output   # whole or absent: a reader never sees half a vocabulary
+        with atomic_output(path) as f:
             json.dump({"pages": self.pages, "counts": self.counts.tolist(),
                        "min_count": self.min_count}, f, ensure_ascii=False)
-        os.replace(tmp, path)  # atomic: a reader never sees half a vocabulary
 
     @classmethod
     def load(cls, path):
