@@ -98,7 +98,7 @@ dropout = -1.0                 # data
 bias = False
 repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
                                # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
-repeat_decay = False           # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
+repeat_decay = True            # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
 # AdamW
 learning_rate = 0.0            # data: peak learning rate
 max_iters = 0                  # data: from `epochs`; the time budget may shorten it
