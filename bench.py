@@ -66,7 +66,7 @@ def hardware(dev):
             'cpu_model': platform.processor() or platform.machine()}
     if hasattr(os, 'sched_getaffinity'):
         info['cores_usable'] = len(os.sched_getaffinity(0))
-    from model import cpu_flags
+    from runtime import cpu_flags
     flags = cpu_flags()                                         # what dtype=auto decides from
     try:
         with open('/proc/cpuinfo') as f:
@@ -336,7 +336,7 @@ def bench_dtype_check(cfg, dev):
     import train
     from data import ensure_builtin, load_data
     from evaluate import evaluate_model
-    from model import load_checkpoint
+    from runtime import load_checkpoint
     ensure_builtin(train.DEFAULTS['data_dir'])
     data, rows = load_data(train.DEFAULTS['data_dir']), []
     for name in ('small', 'medium'):
@@ -364,7 +364,8 @@ def bench_clusters(cfg, dev, K=5):
     """Time per training iteration of K parameter sets (each batch on one cluster's set, as
     train.py batches) vs one plain GPT sized to the same parameter count (HeTLM's comparison)."""
     import train
-    from model import GPT, GPTConfig, count_params, matched_single_config
+    from model import GPT, GPTConfig
+    from hetlm import count_params, matched_single_config
     T, V, B = 64, 438, 4096 // 64      # the shape train.py derives for the built-in data, its vocabulary
     base = GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=64, dropout=0.0, n_clusters=K)
     single, _ = matched_single_config(base)
@@ -405,7 +406,7 @@ def format_table(rows):
 
 
 def run(cfg):
-    from model import pick_dtype, resolve_device
+    from runtime import pick_dtype, resolve_device
     if cfg['quick']:
         cfg.update(steps=min(cfg['steps'], 2), warmup=min(cfg['warmup'], 1), matmul_reps=min(cfg['matmul_reps'], 3),
                    eval_users=cfg['eval_users'] or 5000, latency_users=min(cfg['latency_users'], 50))

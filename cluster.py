@@ -307,7 +307,7 @@ def refine_step(cfg, data):
     a trained clusterwise checkpoint, write clusters.npy; then retrain (train.py --n_clusters=K)."""
     from configurator import ConfigError
     from files import write_atomic, writing
-    from model import load_checkpoint, resolve_device
+    from runtime import load_checkpoint, resolve_device
     if not os.path.isfile(cfg['refine']):
         raise ConfigError(f"--refine={cfg['refine']}: no checkpoint there")
     model, ck = load_checkpoint(cfg['refine'], resolve_device(cfg['device']))
@@ -366,7 +366,7 @@ def run(cfg):
         x = tfidf_vectors(data, cfg['dim'], cfg['seed'])
         what = f"TF-IDF over {P:,} pages" + (f", truncated SVD to {x.shape[1]} dims" if P > cfg['dim'] else "")
     else:
-        from model import load_checkpoint, resolve_device
+        from runtime import load_checkpoint, resolve_device
         if not os.path.isfile(cfg['ckpt']):
             raise ConfigError(f"--ckpt={cfg['ckpt']}: no checkpoint there; train one (python train.py --stage=1)")
         model, ck = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))

@@ -50,7 +50,7 @@ import torch
 
 from configurator import ConfigError, DataError, Progress, one_line
 from files import building, leftovers, write_atomic
-from logs import FORMATS, detect_format, read_events, read_inter, read_pairs, read_ratings, read_seq
+from logs import FORMATS, read_log
 from tokenizer import BOS, EOS, N_SPECIAL, PAD, UNK, PageTokenizer
 
 
@@ -189,39 +189,12 @@ def prepare(input_path, data_dir, fmt="auto", user_col="user", page_col="page", 
                              min_count, anchor_share, anchor_mass, require_eval, split=split)
 
 
-def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
-                  sep=None, session_gap=None, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
-                  source=None, split="page"):
-    """prepare's work, written into `folder` (a fresh folder from building). Returns meta."""
-    settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
-                    sep=sep, session_gap=session_gap, min_count=min_count, anchor_share=anchor_share,
-                    anchor_mass=anchor_mass, split=split)
-    t0 = time.time()
-    fmt = detect_format(input_path, user_col, page_col) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
-    if (fmt != "events" and session_col) or (fmt not in ("events", "inter") and time_col):
-        raise DataError(f"{input_path}: time_col/session_col apply to event logs only (time_col: also .inter), "
-                        f"not to {fmt} files")
-    if fmt == "events":
-        ev = read_events(input_path, user_col, page_col, time_col, session_col, sep)
-    elif fmt == "inter":
-        ev = read_inter(input_path, user_col, page_col, time_col)
-    else:
-        ev = {"seq": read_seq, "pairs": read_pairs, "ratings": read_ratings}[fmt](input_path)
-    if any("\n" in u or "\r" in u for u in ev["users"]):
-        raise DataError(f"{input_path}: a user id contains a line break")
-    settings.update(ev.get("columns", {}))           # the columns read (some found by name)
-    ev, session_rule = sort_events(ev), "as set"
-    if session_gap is None:
-        session_gap, session_rule = default_session_gap(ev, fmt, split)
-    settings.update(fmt=fmt, session_gap=session_gap)
-    start = session_starts(ev, session_gap)
-    user, page = ev["user"], ev["page"]
-    n, n_users = len(page), len(ev["users"])
-
-    # the split (SPLITS): val_ev / test_ev = index of each user's first held-out event of each kind;
-    # everything from val_ev on is held out. Users with < 3 pages (sessions) are training only.
+def split_events(ev, start, split, require_eval, input_path):
+    """The split (SPLITS): val_ev / test_ev = index of each user's first held-out event of each kind;
+    everything from val_ev on is held out. Users with < 3 pages (sessions) are training only.
+    Returns (evaluable, val_ev, test_ev, last, n_ev, train) over users (train: over events)."""
+    user = ev["user"]
+    n, n_users = len(user), len(ev["users"])
     n_ev = np.bincount(user, minlength=n_users)                  # (U,) events per user
     last = np.cumsum(n_ev) - 1                                   # (U,) index of each user's last event
     if split == "page":
@@ -240,6 +213,48 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
         raise DataError(f"{input_path}: no user has 3 or more {unit} (the most: {most}), so there is no "
                         f"validation or test target (--split={split}); {hint}")
     train = np.arange(n) < np.where(evaluable, val_ev, last + 1)[user]
+    return evaluable, val_ev, test_ev, last, n_ev, train
+
+
+def lay_out(start, page_tokens, last, n_ev, evaluable, val_ev, test_ev):
+    """The token stream: each session is <bos> p1 .. pn <eos>, so event i sits at i + 2*session(i) + 1.
+    Returns (tokens, offsets (U+1,) of each user's first token, val_pos / test_pos (U,) the token of
+    each user's first validation / test target (-1: none), events per session)."""
+    n = len(page_tokens)
+    sess = np.cumsum(start) - 1                                  # (N,) global session index
+    pos = np.arange(n, dtype=np.int64) + 2 * sess + 1            # (N,) absolute token index of each event
+    n_sessions = int(sess[-1]) + 1
+    tokens = np.empty(n + 2 * n_sessions, dtype=np.uint32)
+    tokens[pos] = page_tokens
+    firsts = np.flatnonzero(start)
+    tokens[pos[firsts] - 1] = BOS
+    tokens[pos[np.append(firsts[1:] - 1, n - 1)] + 1] = EOS
+    offsets = np.append(pos[last - n_ev + 1] - 1, len(tokens)).astype(np.int64)  # (U+1,)
+    val_pos = np.where(evaluable, pos[np.maximum(val_ev, 0)], -1).astype(np.int64)
+    test_pos = np.where(evaluable, pos[test_ev], -1).astype(np.int64)
+    per_session = np.bincount(sess)                              # (S,) events per session
+    return tokens, offsets, val_pos, test_pos, per_session
+
+
+def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None,
+                  sep=None, session_gap=None, min_count=1, anchor_share=0.01, anchor_mass=0.0, require_eval=False,
+                  source=None, split="page"):
+    """prepare's work, written into `folder` (a fresh folder from building). Returns meta."""
+    settings = dict(fmt=fmt, user_col=user_col, page_col=page_col, time_col=time_col, session_col=session_col,
+                    sep=sep, session_gap=session_gap, min_count=min_count, anchor_share=anchor_share,
+                    anchor_mass=anchor_mass, split=split)
+    t0 = time.time()
+    fmt, ev = read_log(input_path, fmt, user_col, page_col, time_col, session_col, sep)
+    settings.update(ev.get("columns", {}))           # the columns read (some found by name)
+    ev, session_rule = sort_events(ev), "as set"
+    if session_gap is None:
+        session_gap, session_rule = default_session_gap(ev, fmt, split)
+    settings.update(fmt=fmt, session_gap=session_gap)
+    start = session_starts(ev, session_gap)
+    page = ev["page"]
+    n, n_users = len(page), len(ev["users"])
+
+    evaluable, val_ev, test_ev, last, n_ev, train = split_events(ev, start, split, require_eval, input_path)
 
     # vocabulary and frequencies from the training part only; unseen val/test pages -> <unk>
     raw_counts = np.bincount(page[train], minlength=len(ev["pages"]))
@@ -253,19 +268,9 @@ def build_dataset(input_path, folder, fmt="auto", user_col="user", page_col="pag
                         f"frequent page is seen {max(counter.values(), default=0)} times in training")
     lookup = tok.encode(ev["pages"])                             # raw page id -> token id (uint32)
 
-    # token layout: each session is <bos> p1 .. pn <eos>, so event i sits at i + 2*session(i) + 1
-    sess = np.cumsum(start) - 1                                  # (N,) global session index
-    pos = np.arange(n, dtype=np.int64) + 2 * sess + 1            # (N,) absolute token index of each event
-    n_sessions = int(sess[-1]) + 1
-    tokens = np.empty(n + 2 * n_sessions, dtype=np.uint32)
-    tokens[pos] = lookup[page]
-    firsts = np.flatnonzero(start)
-    tokens[pos[firsts] - 1] = BOS
-    tokens[pos[np.append(firsts[1:] - 1, n - 1)] + 1] = EOS
-    offsets = np.append(pos[last - n_ev + 1] - 1, len(tokens)).astype(np.int64)  # (U+1,)
-    val_pos = np.where(evaluable, pos[np.maximum(val_ev, 0)], -1).astype(np.int64)
-    test_pos = np.where(evaluable, pos[test_ev], -1).astype(np.int64)
-    per_session = np.bincount(sess)                              # (S,) events per session
+    tokens, offsets, val_pos, test_pos, per_session = lay_out(start, lookup[page], last, n_ev, evaluable, val_ev,
+                                                              test_ev)
+    n_sessions = len(per_session)
 
     anchor_ids, rule, held = anchor_split(tok.counts, anchor_share, anchor_mass)
     n_eval = int(evaluable.sum())
@@ -522,7 +527,10 @@ def eval_examples(data, split, max_users=None, seed=0):
     return users, data.offsets[users].astype(np.int64), ctx_end, data.tokens[ctx_end].astype(np.int64)
 
 
-def ensure_builtin(data_dir="data/builtin"):
+BUILTIN_DIR = "data/builtin"    # the built-in dataset, generated on first use (shop.py)
+
+
+def ensure_builtin(data_dir=BUILTIN_DIR):
     """The built-in dataset at data_dir, generated on first use. A dataset prepared there from
     another log (no segments.npy) is the user's: used as it is, never replaced."""
     if not os.path.isfile(os.path.join(data_dir, "meta.json")):

@@ -35,13 +35,13 @@ from baselines import popularity
 from configurator import Progress, compact_heap
 from data import eval_examples
 from files import atomic_output
-from runtime import plain
-from model import load_checkpoint, resolve_device
+from runtime import load_checkpoint, plain, resolve_device
 from tokenizer import N_SPECIAL, PAD, UNK  # ids 0..3 are <pad> <unk> <bos> <eos>; pages start at 4
 
 KS = (1, 5, 10)               # cut-offs for HR@k (NDCG@k for k in 5, 10)
 LOWER_IS_BETTER = {"nll", "session_nll"}   # validation metrics where lower is better (the rest: higher)
 COLUMNS = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "nll", "acc_anchor", "acc_tail", "macro_f1", "w_prec"]
+BEST_METRICS = set(COLUMNS) | {'hmean', 'macro_recall', 'session_nll'}   # session_nll: --split=session data only
 
 # -----------------------------------------------------------------------------
 # ranking math: one batch of scores -> per-row results
@@ -224,22 +224,10 @@ def model_scores(model, data, ctx_start, ctx_end, block_size, device, cluster_id
         x[ok, T - drop_first:] = PAD
         lengths = np.where(ok, lengths - drop_first, lengths)
     idx = torch.from_numpy(x).to(device)
-    if cluster_ids is not None:
-        cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    last = torch.as_tensor(lengths - 1, device=device)
-    h_last, reps, rows = [], [], max(1, EVAL_TOKENS // T)
-    for s in range(0, len(idx), rows):   # sub-batches bound the activations (rows, T, 4C) and attention
-        cid = None if cluster_ids is None else cluster_ids[s:s + rows]
-        h = model.hidden_states(idx[s:s + rows], cid)                    # (rows, T, C)
-        h_last.append(h[torch.arange(h.size(0), device=device), last[s:s + rows]])
-        reps.append(model.repeat_terms(idx[s:s + rows], last[s:s + rows, None]))   # (rows, 1, T) or None
-    logits = model.head(torch.cat(h_last), cluster_ids).float()          # (B, V) at each context's last position
-    if reps[0] is not None:                                              # the pages already in the context
-        logits.scatter_add_(1, torch.cat([p[:, 0] for p, _ in reps]), torch.cat([v[:, 0] for _, v in reps]).float())
-    model.train(was_training)
-    return logits
+    last = torch.as_tensor(lengths - 1, device=device)[:, None]          # (B, 1) each context's last position
+    logits = model.next_logits(idx, last, cluster_ids, rows=max(1, EVAL_TOKENS // T))   # rows bound the activations
+    return logits[:, 0]                                                  # (B, V)
+
 
 def log_prior(data):
     """log of each page's training frequency (add-one smoothed); 0 for specials, which are never ranked."""
@@ -410,7 +398,8 @@ def fail(message):
     sys.exit(2)
 
 
-def main(argv=None):
+def parse_args(argv):
+    """evaluate.py's flags, checked (one line and exit status 2 where one is wrong)."""
     p = argparse.ArgumentParser(description="full-ranking next-page evaluation")
     p.add_argument("--ckpt", default="out/stage1/best.pt")      # checkpoint to evaluate
     p.add_argument("--split", default="val", choices=["val", "test"])
@@ -429,29 +418,55 @@ def main(argv=None):
                                                                 #   after each whole context's first token left out
     args = p.parse_args(argv)
     if args.baselines_only and not args.data_dir:
-        sys.exit("evaluate.py: --baselines_only needs --data_dir=...")
+        fail("--baselines_only needs --data_dir=...")
     if not args.baselines_only and not os.path.exists(args.ckpt):
-        sys.exit(f"evaluate.py: checkpoint not found: {args.ckpt} (train one with python train.py)")
+        fail(f"checkpoint not found: {args.ckpt} (train one with python train.py)")
     if args.max_users < 0 or args.batch_size < 1 or args.outcome_samples < 1 or args.max_len < 0 or args.drop_first < 0:
         fail(f"--max_users={args.max_users} --batch_size={args.batch_size} --outcome_samples="
                  f"{args.outcome_samples} --max_len={args.max_len}: need max_users >= 0 (0: every user), drop_first >= 0, "
                  "batch_size >= 1, outcome_samples >= 1, max_len >= 0 (0: from the data)")
+    return args
+
+
+def load(args):
+    """(data, model, its checkpoint, device); the model, checkpoint and device are None with
+    --baselines_only. A bad dataset, checkpoint or device fails in one line."""
     from configurator import ConfigError
     from data import load_data, DataError
-    t0 = time.time()
-    results, uc = {}, None
+    model, ckpt, device = None, None, None
     try:
         if args.baselines_only:
             data = load_data(args.data_dir)
         else:
-            from model import load_checkpoint
             device = resolve_device(args.device)
             model, ckpt = load_checkpoint(args.ckpt, device)
             data = load_data(args.data_dir or ckpt["config"]["data_dir"])
             if ckpt["tokenizer"]["pages"] != list(data.tokenizer.pages):
                 raise DataError(f"{args.ckpt} was trained on another vocabulary than {data.data_dir}")
-    except (DataError, ConfigError) as e:   # a bad dataset, checkpoint (model.CheckpointError) or --device
+    except (DataError, ConfigError) as e:   # a bad dataset, checkpoint (runtime.CheckpointError) or --device
         fail(f"{e}")
+    return data, model, ckpt, device
+
+
+def print_per_user(examples, uc):
+    """HeTLM's view of a model: the spread of per-user NLL and HR@10, overall and per parameter set."""
+    stats = per_user_by_cluster(examples, uc)
+    print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")
+    for name in ["all"] + ([] if uc is None else [f"cluster {c}" for c in range(int(uc.max()) + 1)]):
+        s, label = stats.get(name), "all users" if name == "all" else name
+        if s is None:
+            print(f"  {label} (0 users)")
+        else:
+            print(f"  {label} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
+                  f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data import DataError
+    t0 = time.time()
+    results, uc = {}, None
+    data, model, ckpt, device = load(args)
     session_task = args.task == "session" or (args.task == "auto" and data.split == "session")
     if args.outcome and not session_task:
         fail(f"--outcome={args.outcome}: scored on the session task only, and {data.data_dir} was prepared "
@@ -471,15 +486,7 @@ def main(argv=None):
         best = Baselines.best(base if args.split == "val" else simple.evaluate("val", args.max_users or None))
         print(gain_line("model", best, compare(results["model"], results[best], seed=args.seed)))
     if not args.baselines_only:   # HeTLM's view: the spread over users, overall and per parameter set
-        stats = per_user_by_cluster(results["model"]["examples"], uc)
-        print("model, per user: NLL mean / std / p10 / p90, HR@10 mean / p10")
-        for name in ["all"] + ([] if uc is None else [f"cluster {c}" for c in range(int(uc.max()) + 1)]):
-            s, label = stats.get(name), "all users" if name == "all" else name
-            if s is None:
-                print(f"  {label} (0 users)")
-            else:
-                print(f"  {label} ({s['users']:,}): {s['nll_mean']:.4f} / {s['nll_std']:.4f} / {s['nll_p10']:.4f} / "
-                      f"{s['nll_p90']:.4f}, {s['hr@10_mean']:.4f} / {s['hr@10_p10']:.4f}")
+        print_per_user(results["model"]["examples"], uc)
     if session_task:
         import sessions
         methods = {} if args.baselines_only else {"model": sessions.model_logp(model, device, uc)}
@@ -492,6 +499,7 @@ def main(argv=None):
             fail(f"{e}")
         print(sessions.session_table(res, uc))
     print(f"split={args.split}, {time.time() - t0:.1f}s")
+
 
 if __name__ == "__main__":
     main()

@@ -173,7 +173,7 @@ def write_atomic(path, obj):
     """Write an array (.npy or raw .bin), a list of lines, a tokenizer or a dict (JSON), whole or not at all."""
     from tokenizer import PageTokenizer
     if isinstance(obj, PageTokenizer):
-        obj.save(path)   # (its own tmp + os.replace)
+        obj.save(path)   # (through atomic_output too)
         return
     with atomic_output(path, "wb") as f:   # complete or absent, even after a kill (files.py)
         if path.endswith(".bin"):

@@ -16,7 +16,7 @@ The steps, each one train.py / cluster.py run (their options pass through: --n_e
    events, the sets train `cluster_iters` more, repeated until fewer than `converge` of the users
    move (or `max_rounds`). The number moved is printed each round.
 4. controls, same harness: K sets on a random user split (same warm start and iterations as the
-   k-means row), and one plain GPT with as many parameters as the K sets (model.matched_single_config)
+   k-means row), and one plain GPT with as many parameters as the K sets (matched_single_config, below)
    trained from scratch for as many iterations as the final clusterwise model received in all.
 5. report: per-user mean, standard deviation and 10th percentile of test NLL and HR@10, overall
    and per cluster, for every model; printed and written to out_dir/hetlm.json. On a dataset
@@ -34,16 +34,17 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 import cluster
 import train
 from configurator import ConfigError, run_main
 from data import DataError, ensure_builtin, load_data, read_json as data_read_json
 from files import hold, release, write_atomic
-from runtime import plain
 from evaluate import evaluate_model, per_user_by_cluster
-from recipe import data_stats, derive, describe
-from model import GPTConfig, count_params, load_checkpoint, matched_single_config, resolve_device
+from recipe import check_config, data_stats, derive, describe
+from model import GPT, GPTConfig
+from runtime import load_checkpoint, plain, resolve_device
 
 # -----------------------------------------------------------------------------
 # HeTLM settings; every train.py setting is accepted too (its defaults, except where set here)
@@ -61,6 +62,26 @@ OWN = {k: v for k, v in dict(globals()).items()
 # the comparisons need runs of fixed length: no time budget, no early stop (the controls train as long)
 DEFAULTS = {**train.DEFAULTS, 'tail_weight': 1.0, 'best_metric': 'nll', 'final_eval': False, 'time_budget': 0.0,
             'patience': 0, 'overwrite': True, **OWN}   # it reuses or replaces its own runs (done.json)
+
+
+def count_params(config):
+    """Parameters of GPT(config), counted on the meta device (nothing is allocated)."""
+    with torch.device('meta'):
+        return sum(p.numel() for p in GPT(config).parameters())
+
+
+def matched_single_config(config):
+    """HeTLM's fair baseline: one plain GPT (n_clusters = 1) with about as many parameters as the
+    clusterwise model `config`, by widening n_embd (a multiple of n_head). Returns (config, ratio)."""
+    target = count_params(config)
+    base = {**config.__dict__, 'n_clusters': 1}
+    size = lambda width: count_params(GPTConfig(**{**base, 'n_embd': width * config.n_head}))
+    lo, hi = 1, 16 * config.n_embd // config.n_head   # widths in units of n_head; count grows with width
+    while hi - lo > 1:                                # binary search for the last width not above target
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
+    width = min((lo, hi), key=lambda w: abs(size(w) - target))
+    return GPTConfig(**{**base, 'n_embd': width * config.n_head}), size(width) / target
 
 
 def train_cfg(cfg, name, **over):
@@ -154,7 +175,7 @@ def run(cfg):
         raise ConfigError("need --cluster_iters >= 1, --max_rounds >= 0 and 0 <= --converge < 1")
     if cfg['eval_users'] < 0:
         raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0: every user)")
-    train.check_config(cfg)
+    check_config(cfg)
     if os.path.normpath(cfg['data_dir']) == os.path.normpath(train.DEFAULTS['data_dir']):
         ensure_builtin(cfg['data_dir'])
     data = load_data(cfg['data_dir'])
@@ -175,11 +196,28 @@ def run(cfg):
 def pipeline(cfg, data, k_list, t_start):
     """run's steps 1-5, the out folder held."""
     dev = resolve_device(cfg['device'])
-
     # 1. the shared model, the starting point of every parameter set
     shared = run_train(cfg, 'shared', cluster_scope='all')   # one set: the same model for every scope
-
     # 2. K sweep on validation NLL
+    best_k, labels, val_by_k = k_sweep(cfg, data, k_list, shared, dev)
+    # 3. endogenous refinement at the chosen K
+    current, rounds = refine(cfg, data, best_k, labels, dev)
+    # 4. controls
+    models = control_models(cfg, data, best_k, shared, current, rounds)
+    # 5. the report: per-user statistics on the test split
+    report = {'ks': k_list, 'val_nll_by_k': val_by_k, 'best_k': best_k, 'rounds': rounds, 'models': {}}
+    per_user_report(models, data, cfg, dev, report)
+    if data.split == 'session':
+        session_report(models, data, cfg, dev, report)
+    report['seconds'] = round(time.time() - t_start, 1)
+    write_atomic(os.path.join(cfg['out_dir'], 'hetlm.json'), plain(report))
+    print(f"\nwrote {os.path.join(cfg['out_dir'], 'hetlm.json')} ({report['seconds']:.0f} s in all)")
+    return report
+
+
+def k_sweep(cfg, data, k_list, shared, dev):
+    """k-means users into each K of k_list, K sets trained from the shared model each; the K of the
+    lowest validation NLL wins. Returns (best K, its labels, {K: validation NLL}; K=1: the shared model)."""
     sweep, labels_of = {}, {}
     x = user_vectors(cfg, data, shared, dev)
     for k in k_list:
@@ -192,9 +230,13 @@ def pipeline(cfg, data, k_list, t_start):
     print("\nK sweep (validation NLL): " + ", ".join(f"K={k} {v:.4f}" for k, v in sweep.items())
           + f" -> K={best_k}; the shared model alone (K=1): {shared_val:.4f}"
           + (" -- lower than every K: on this data the clusters did not help" if shared_val < sweep[best_k] else ""))
+    return best_k, labels_of[best_k], {1: shared_val, **sweep}
 
-    # 3. endogenous refinement at the chosen K
-    current, labels, rounds = os.path.join(cfg['out_dir'], f'k{best_k}', 'stage1', 'ckpt.pt'), labels_of[best_k], []
+
+def refine(cfg, data, best_k, labels, dev):
+    """Endogenous refinement: every user moves to the set that predicts them best (cluster.reassign)
+    and the sets train on, until few move. Returns (the last round's checkpoint, the rounds)."""
+    current, rounds = os.path.join(cfg['out_dir'], f'k{best_k}', 'stage1', 'ckpt.pt'), []
     for r in range(1, cfg['max_rounds'] + 1):
         model, _ = load_checkpoint(current, dev)
         nll = cluster.per_set_nll(model, data, model.config.block_size, dev)
@@ -210,9 +252,14 @@ def pipeline(cfg, data, k_list, t_start):
         current = cluster_round(cfg, f'k{best_k}_r{r}', labels, current, best_k)
         if share < cfg['converge']:
             break
-    n_rounds = len([x for x in rounds if x['moved'] > 0])
+    return current, rounds
 
-    # 4. controls
+
+def control_models(cfg, data, best_k, shared, current, rounds):
+    """The models the report compares: {name: (checkpoint, iterations it received in all)}: the
+    shared model, k-means, after refinement, and (cfg controls) a random split and one model of the
+    K sets' parameter count."""
+    n_rounds = len([x for x in rounds if x['moved'] > 0])
     base, step = cfg['max_iters'], cfg['cluster_iters']   # iterations each model received in all
     models = {'shared (one set, 1/K of the parameters)': (shared, base),
               f'k-means, K={best_k}': (os.path.join(cfg['out_dir'], f'k{best_k}', 'stage1', 'ckpt.pt'), base + step)}
@@ -231,10 +278,12 @@ def pipeline(cfg, data, k_list, t_start):
               f"parameters ({ratio:.3f}x the {best_k} sets), {iters} iterations")
         models['single, equal parameters'] = (run_train(cfg, f'single{best_k}', n_embd=single_cfg.n_embd,
                                                         max_iters=iters, cluster_scope='all'), iters)
+    return models
 
-    # 5. the report: per-user statistics on the test split
-    report = {'ks': k_list, 'val_nll_by_k': {1: shared_val, **sweep}, 'best_k': best_k, 'rounds': rounds,
-              'models': {}}
+
+def per_user_report(models, data, cfg, dev, report):
+    """HeTLM's comparison: per-user NLL and HR@10 statistics on the test split, overall and per
+    cluster (a higher mean and a lower spread is the paper's claim), into report['models']."""
     cols = ('nll_mean', 'nll_std', 'nll_p10', 'nll_p90', 'hr@10_mean', 'hr@10_std', 'hr@10_p10')
     print(f"\ntest split, per-user statistics ({data.meta['n_eval_users']:,} users; NLL of each user's "
           f"test pages, lower is better; p10/p90 = 10th/90th percentile):")
@@ -253,12 +302,6 @@ def pipeline(cfg, data, k_list, t_start):
                  if c != 'all']
         if parts:
             print(f"  {name}: " + "; ".join(parts))
-    if data.split == 'session':
-        session_report(models, data, cfg, dev, report)
-    report['seconds'] = round(time.time() - t_start, 1)
-    write_atomic(os.path.join(cfg['out_dir'], 'hetlm.json'), plain(report))
-    print(f"\nwrote {os.path.join(cfg['out_dir'], 'hetlm.json')} ({report['seconds']:.0f} s in all)")
-    return report
 
 
 SESSION_COLS = (('nll_page', 'nll/page'), ('nll_session', 'nll/session'), ('greedy_f1', 'F1 greedy'),

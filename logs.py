@@ -298,17 +298,17 @@ def pick_columns(header, user_col="user", page_col="page", time_col=None, sessio
     return user_col, page_col, pick("time", time_col), pick("session", session_col), found
 
 
-def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
-    """Event log with a header, .csv/.tsv (sep) or .jsonl; the time and session columns are optional
-    (columns found by name: pick_columns). Epoch times in milliseconds are read as such."""
-    uid, pid, users, pages, times, sid, sessions = {}, {}, array("q"), array("q"), array("d"), {}, array("q")
+def read_header(path, it, sep):
+    """An event log's header from its first line (csv/tsv) or the keys of its first 100 objects
+    (jsonl: an object may leave out an optional key). it: lines(path, newline=""), read on by the caller.
+    Returns (jsonl, sep, header, line number and text of the first line, the objects read ahead)."""
     name = os.path.basename(path).lower().removesuffix(".gz")
-    it = lines(path, newline="")
     head_no, head = next((x for x in it if x[1].strip()), (0, ""))
     if not head:
         raise DataError(f"{path}: empty file (no events)")
     jsonl = sep == "jsonl" or (sep is None and (name.endswith((".jsonl", ".ndjson", ".json")) or head.lstrip().startswith("{")))
-    if jsonl:   # the keys of the first 100 objects (an object may leave out an optional key)
+    ahead = None
+    if jsonl:
         ahead = [(head_no, head)] + list(itertools.islice(it, 99))
         header = {}
         for _, line in ahead:
@@ -321,6 +321,15 @@ def read_events(path, user_col="user", page_col="page", time_col=None, session_c
     else:
         sep = sep or ("\t" if name.endswith(".tsv") or "\t" in head else ",")
         header = [c.strip() for c in next(csv.reader([head], delimiter=sep))]
+    return jsonl, sep, header, head_no, head, ahead
+
+
+def read_events(path, user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
+    """Event log with a header, .csv/.tsv (sep) or .jsonl; the time and session columns are optional
+    (columns found by name: pick_columns). Epoch times in milliseconds are read as such."""
+    uid, pid, users, pages, times, sid, sessions = {}, {}, array("q"), array("q"), array("d"), {}, array("q")
+    it = lines(path, newline="")
+    jsonl, sep, header, head_no, head, ahead = read_header(path, it, sep)
     user_col, page_col, time_col, session_col, found = pick_columns(header, user_col, page_col, time_col, session_col)
     for role, col in (("user", user_col), ("page", page_col)):
         if not jsonl and col not in header:
@@ -420,3 +429,22 @@ def events(path, fmt, uid, pid, users, pages, time=None, session=None):
 
 
 FORMATS = ("events", "seq", "pairs", "inter", "ratings")   # the readers above; "auto" picks one (detect_format)
+
+
+def read_log(input_path, fmt="auto", user_col="user", page_col="page", time_col=None, session_col=None, sep=None):
+    """A log in any of FORMATS (fmt "auto": detect_format) -> (fmt, events dict of the readers)."""
+    fmt = detect_format(input_path, user_col, page_col) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
+    if (fmt != "events" and session_col) or (fmt not in ("events", "inter") and time_col):
+        raise DataError(f"{input_path}: time_col/session_col apply to event logs only (time_col: also .inter), "
+                        f"not to {fmt} files")
+    if fmt == "events":
+        ev = read_events(input_path, user_col, page_col, time_col, session_col, sep)
+    elif fmt == "inter":
+        ev = read_inter(input_path, user_col, page_col, time_col)
+    else:
+        ev = {"seq": read_seq, "pairs": read_pairs, "ratings": read_ratings}[fmt](input_path)
+    if any("\n" in u or "\r" in u for u in ev["users"]):
+        raise DataError(f"{input_path}: a user id contains a line break")
+    return fmt, ev

@@ -25,8 +25,6 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 import math
 import inspect
 import numbers
-import os
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -35,7 +33,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import ConfigError
-from tokenizer import SPECIALS, N_SPECIAL
+from tokenizer import N_SPECIAL, PAD, UNK
 
 
 @dataclass
@@ -120,20 +118,26 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, k=0):
+    def forward(self, x, k=0, cache=None):
         B, T, C = x.size()
         q, kk, v = self.c_attn(x, k).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         kk = kk.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask = None
+        if cache is not None:   # generation (KVCache): this layer's keys and values so far, kept
+            if 'k' in cache:
+                kk, v = torch.cat([cache['k'], kk], dim=2), torch.cat([cache['v'], v], dim=2)
+            cache['k'], cache['v'] = kk, v
+            mask = cache.get('mask')     # (B, 1, 1, S): the keys each row sees (None: the prompt, causal)
         fp32_attention = q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
         with torch.autocast('cpu', enabled=False) if fp32_attention else nullcontext():
             # under bf16 autocast on CPU, attention itself runs in fp32: its bf16 backward measured
             # 3-4x slower than fp32 on an AMX Xeon (bench.py), while the matmuls around it gain
             if fp32_attention:
                 q, kk, v = q.float(), kk.float(), v.float()
-            y = F.scaled_dot_product_attention(q, kk, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)            # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=mask is None)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y, k))
 
@@ -160,8 +164,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, n_norm_sets)
         self.mlp = MLP(config, n_sets)
 
-    def forward(self, x, k=0):
-        x = x + self.attn(self.ln_1(x, k), k)
+    def forward(self, x, k=0, cache=None):
+        x = x + self.attn(self.ln_1(x, k), k, cache)
         x = x + self.mlp(self.ln_2(x, k), k)
         return x
 
@@ -358,12 +362,14 @@ class GPT(nn.Module):
             return out
         return self._trunk(idx, groups[0][1])
 
-    def _trunk(self, idx, k):
+    def _trunk(self, idx, k, pos=None, caches=None):
+        """pos: each token's position (default 0..T-1); caches: one dict per layer (KVCache)."""
         t = self.transformer
-        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        if pos is None:
+            pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
         x = t.drop(t.wte(idx, k) + t.wpe(pos, k))          # (B, T, C)
-        for block in t.h:
-            x = block(x, k)
+        for i, block in enumerate(t.h):
+            x = block(x, k, None if caches is None else caches[i])
         return t.ln_f(x, k)
 
     def head(self, h, cluster_ids=None):
@@ -424,15 +430,43 @@ class GPT(nn.Module):
         rep = self.repeat_terms(idx, at)
         return z if rep is None else z.scatter_add(-1, rep[0], rep[1].to(z.dtype))
 
+    @torch.no_grad()
+    def next_logits(self, idx, at, cluster_ids=None, rows=None):
+        """Scores of the next page, the one "contexts -> logits" of every reader (evaluation, the
+        session task, sample.py, predict.py, HeTLM's set choice; generation adds a cache: KVCache): idx (B, T) contexts right-padded
+        with PAD (causal attention: a real position never sees the pads), at (B, n) the positions
+        whose next token is scored. Returns float logits (B, n, V), the repeat term included, with
+        dropout off. rows: contexts per pass of the trunk (bounds the (rows, T, 4C) activations);
+        the head then runs once on all the gathered positions."""
+        was_training = self.training
+        self.eval()
+        B = idx.size(0)
+        rows = rows or B
+        if cluster_ids is not None:
+            cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device)
+        h_at, reps = [], []
+        for s in range(0, B, rows):
+            cid = None if cluster_ids is None else cluster_ids[s:s + rows]
+            h = self.hidden_states(idx[s:s + rows], cid)                              # (rows, T, C)
+            h_at.append(h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])   # (rows, n, C)
+            reps.append(self.repeat_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, T) or None
+        z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
+        if reps[0] is not None:                                                      # the pages already seen
+            z.scatter_add_(-1, torch.cat([p for p, _ in reps]), torch.cat([v for _, v in reps]).float())
+        self.train(was_training)
+        return z
+
     def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None,
-                return_logits=True):
+                return_logits=True, negatives=None):
         """class_weight (V,): loss weight of each target class (BehaviorLM's anchor/tail weighting,
         class-balanced loss); the loss is the weighted mean, as F.cross_entropy(weight=...).
         logit_bias (V,): added to the logits inside the loss only (training on a re-sampled subset
         while keeping the data's prior, as the balanced softmax of Ren et al., 2020).
         return_logits=False (training): the loss is computed in row chunks (ChunkedCrossEntropy)
         and the (N, V) logits are never materialized; logits is then None, and self.last_nll
-        holds the batch's plain (unweighted) NLL, for logging beside a weighted loss."""
+        holds the batch's plain (unweighted) NLL, for logging beside a weighted loss.
+        negatives (training, big catalogues): (pages (m,), log_incl (V,)) a sampled softmax instead
+        of the full one (_sampled_loss); last_nll is then the sampled loss."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
             return self.add_repeat(self.head(h, cluster_ids), idx, None), None   # (B, T, V)
@@ -442,6 +476,8 @@ class GPT(nn.Module):
         t = targets[keep]
         rep = self.repeat_terms(idx)
         rep = None if rep is None else (rep[0][keep], rep[1][keep])                # (N, T)
+        if not return_logits and negatives is not None:
+            return None, self._sampled_loss(h[keep], t, cid, class_weight, logit_bias, rep, *negatives)
         if not return_logits:
             return None, self._chunked_loss(h[keep], t, cid, class_weight, logit_bias, rep)
         logits = self.head(h[keep], cid)                    # (N, V): no logits at pads
@@ -480,6 +516,42 @@ class GPT(nn.Module):
         self.last_nll = nll / t.numel()
         return total / denom
 
+    def _sampled_loss(self, h, t, cid, class_weight, logit_bias, rep, pages, log_incl):
+        """A sampled softmax (Jean et al., 2015; SASRec with shared negatives: Klenitskiy & Vasilev,
+        2023): each row's target against the same sampled pages (drawn for the whole batch; a page
+        equal to the row's target is left out), every logit less the log of its page's chance of
+        being among them (log_incl: the correction that makes the sampled softmax estimate the full
+        one). Its cost grows with the sample, not the catalogue; evaluation still ranks every page.
+        pages (m,) distinct; log_incl (V,). The same weighted mean as _chunked_loss."""
+        w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
+        denom = w.sum()
+        if t.numel() == 0 or not denom > 0:
+            return h.sum() * 0.0 + self.lm_head.weight.sum() * 0.0   # nothing to learn here: 0, not NaN
+        col = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=h.device)
+        col[pages] = torch.arange(len(pages), device=h.device)     # page -> its column among the sample
+        split = [(None, None)] if self.lm_head.weight.dim() == 2 else self._groups(cid, h.size(0))
+        total, nll = 0.0, 0.0
+        for rows, k in split:                                       # scope 'all': each set's own head
+            hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
+            W = self.lm_head.weight if k is None else self.lm_head.weight[k]
+            zt = (hk * W[tk].to(hk.dtype)).sum(-1).float() - log_incl[tk]            # (n,) the targets
+            zn = (hk @ W[pages].to(hk.dtype).t()).float() - log_incl[pages]          # (n, m) the sample
+            if logit_bias is not None:
+                zt, zn = zt + logit_bias[tk], zn + logit_bias[pages]
+            if self.page_bias is not None:                          # 'norms': each row's cluster bias
+                c = torch.as_tensor(cid, dtype=torch.long, device=h.device)
+                zt, zn = zt + self.page_bias[c, tk], zn + self.page_bias[c[:, None], pages[None, :]]
+            if rep is not None:                                     # the repeat term at the sampled pages
+                rp, rv = (rep[0], rep[1].float()) if rows is None else (rep[0][rows], rep[1][rows].float())
+                zt = zt + torch.where(rp == tk[:, None], rv, 0.0).sum(1)
+                c = col[rp]
+                zn = zn.scatter_add(1, c.clamp(min=0), torch.where(c >= 0, rv, 0.0))
+            zn = zn.masked_fill(pages[None, :] == tk[:, None], -math.inf)             # not the target again
+            losses = torch.logsumexp(torch.cat([zt[:, None], zn], 1), 1) - zt
+            total, nll = total + (losses * wk).sum(), nll + losses.detach().sum()
+        self.last_nll = nll / t.numel()
+        return total / denom
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; decay the matmul and embedding weights, not biases, LayerNorm gains or the
         per-cluster page bias (nanoGPT's rule "decay every >= 2-D tensor", by module, so that
@@ -513,9 +585,91 @@ class GPT(nn.Module):
 MAX_PARAMS = 2 ** 31   # a model above this is refused before anything is allocated (a bad config or checkpoint)
 
 
-class CheckpointError(ConfigError):
-    """A file that is not a usable checkpoint; one line naming the file and what is wrong. A
-    ConfigError, so every script's run_main already prints it as one line and exits 2."""
+def sampling_weights(p, power=0.75):
+    """A sampled softmax's draw distribution (V,) from the training targets' frequencies p (V,, numpy):
+    p^power, normalized (flatter than p, as word2vec's negatives); <unk> as likely as the rarest
+    token (a target where --min_count > 1 leaves pages out of the vocabulary)."""
+    q = p.copy()
+    q[UNK] = q[q > 0].min()
+    q = q ** power
+    return torch.from_numpy(q / q.sum()).float()
+
+
+def draw_negatives(q, m, generator=None):
+    """A sampled softmax's pages for one step: m draws from q (V,) (with replacement), kept once each;
+    log_incl (V,) is log P(a page is among them) = log(1 - (1 - q)^m). Returns (pages, log_incl)."""
+    pages = torch.unique(torch.multinomial(q, m, replacement=True, generator=generator))
+    log_incl = torch.log(-torch.expm1(m * torch.log1p(-q.clamp(max=1 - 1e-7))))
+    return pages, log_incl
+
+
+class KVCache:
+    """Generation with a key/value cache (sessions.generate, sample.py): the contexts run once, then
+    each step adds one position per row instead of running the whole window again.
+    idx (B, T) contexts right-padded with PAD, lengths (B,) their real tokens (T <= block_size);
+    cluster_ids (B,) each row's parameter set: one set for the whole batch, or any mix with
+    cluster_scope 'norms' (sessions.CachedLogp splits other mixes). Row b's generated tokens take positions
+    lengths[b], lengths[b] + 1, ...; each row attends only its own real keys. A row whose window
+    is full (its next position would pass block_size) is scored by next_logits on its last
+    block_size tokens, as without a cache: the scores are next_logits' either way (to rounding)."""
+
+    def __init__(self, model, idx, lengths, cluster_ids=None):
+        self.model, self.block = model, model.config.block_size
+        dev = idx.device
+        self.ids, self.len = idx, torch.as_tensor(lengths, dtype=torch.long, device=dev)
+        self.cid = None if cluster_ids is None else torch.as_tensor(cluster_ids, dtype=torch.long, device=dev)
+        self.k = 0 if self.cid is None else (self.cid if len(torch.unique(self.cid)) > 1 else int(self.cid[0]))
+        self.valid = torch.arange(idx.size(1), device=dev)[None, :] < self.len[:, None]   # (B, S) keys seen
+        self.caches = [{} for _ in model.transformer.h]
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            h = model._trunk(idx, self.k, caches=self.caches)                        # (B, T, C)
+        model.train(was)
+        self.h_last = h[torch.arange(len(idx), device=dev), self.len - 1]          # (B, C)
+
+    @torch.no_grad()
+    def logits(self):
+        """(B, V) float scores of each row's next token, the repeat term included."""
+        model = self.model
+        z = model.head(self.h_last[:, None], self.cid).float()                     # (B, 1, V)
+        rep = model.repeat_terms(self.ids, (self.len - 1)[:, None])
+        if rep is not None:
+            z.scatter_add_(-1, rep[0], rep[1].float())
+        z = z[:, 0]
+        over = (self.len > self.block).nonzero().flatten()                         # full windows: uncached
+        if len(over):
+            cols = self.len[over, None] - self.block + torch.arange(self.block, device=z.device)[None, :]
+            win = self.ids[over[:, None], cols]                                    # (n, block) the last tokens
+            at = torch.full((len(over), 1), self.block - 1, dtype=torch.long, device=z.device)
+            z[over] = model.next_logits(win, at, None if self.cid is None else self.cid[over])[:, 0]
+        return z
+
+    @torch.no_grad()
+    def advance(self, keep, tokens):
+        """Rows `keep` (indices of the current rows, in order) go on with their next tokens."""
+        keep = torch.as_tensor(keep, dtype=torch.long, device=self.ids.device)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.ids.device)
+        self.ids, self.len, self.valid = self.ids[keep], self.len[keep], self.valid[keep]
+        if self.cid is not None:
+            self.cid = self.cid[keep]
+            self.k = self.cid if torch.is_tensor(self.k) else self.k
+        for c in self.caches:
+            c['k'], c['v'] = c['k'][keep], c['v'][keep]
+        B = len(keep)
+        if int(self.len.max()) >= self.ids.size(1):                                # room for one more token
+            self.ids = torch.cat([self.ids, self.ids.new_full((B, 16), PAD)], dim=1)
+        rows = torch.arange(B, device=self.ids.device)
+        self.ids[rows, self.len] = tokens
+        pos = self.len.clamp(max=self.block - 1)     # full windows' positions are not used (logits)
+        self.len = self.len + 1
+        self.valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
+        for c in self.caches:
+            c['mask'] = self.valid[:, None, None, :]
+        was = self.model.training
+        self.model.eval()
+        self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
+        self.model.train(was)
 
 
 def check_gpt_config(config):
@@ -546,174 +700,3 @@ def check_gpt_config(config):
     if n > MAX_PARAMS:
         raise ConfigError(f"block_size={c.block_size} vocab_size={c.vocab_size} n_layer={c.n_layer} n_embd={C} "
                           f"n_clusters={K}: up to {n:.3g} parameters, over the limit of {MAX_PARAMS:.3g}")
-
-
-def read_checkpoint(path, device='cpu'):
-    """The one reader of a checkpoint file (train.py's): the validated dict, or a CheckpointError
-    naming the file and what is wrong (missing, empty, cut short, not a torch file, objects that
-    weights_only refuses, missing keys, bad model_args, weights that do not fit model_args). Only
-    tensors and plain Python values are loaded (weights_only=True): a checkpoint cannot run code."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no checkpoint there" + (" (a folder)" if os.path.isdir(path) else ""))
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # zip/pickle/EOF/unpickling errors: every one means "not a usable checkpoint"
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's words for an object weights_only refuses
-        if unsafe:
-            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), refused: a checkpoint may "
-                                  "hold only tensors and plain values (weights_only=True), so it cannot run code") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (cut short, or not a PyTorch file; "
-                              f"{type(e).__name__})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
-    kinds = {'model': dict, 'model_args': dict, 'config': dict, 'tokenizer': dict, 'iter_num': int}
-    for key, kind in kinds.items():
-        if not isinstance(ckpt.get(key), kind):
-            raise CheckpointError(f"{path}: no {key!r} ({kind.__name__}) in it; not a checkpoint written by train.py")
-    args = ckpt['model_args']
-    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
-    if unknown:
-        raise CheckpointError(f"{path}: unknown model_args {unknown}")
-    try:
-        config = GPTConfig(**args)
-        check_gpt_config(config)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: bad model_args: {e}") from None
-    tok = ckpt['tokenizer']
-    pages = tok.get('pages')
-    if not (isinstance(pages, list) and isinstance(tok.get('counts'), list)
-            and len(pages) == len(tok['counts']) == config.vocab_size and pages[:len(SPECIALS)] == SPECIALS
-            and all(isinstance(p, str) for p in pages) and len(set(pages)) == len(pages)):
-        raise CheckpointError(f"{path}: its tokenizer is not the specials then {config.vocab_size - len(SPECIALS)} "
-                              "distinct pages with their counts (vocab_size in model_args)")
-    if not isinstance(ckpt['config'].get('data_dir'), str):
-        raise CheckpointError(f"{path}: config has no data_dir")
-    with torch.device('meta'):  # the expected shapes, nothing allocated
-        want = {k: v.shape for k, v in GPT(config).state_dict().items()}
-    state = ckpt['model']
-    for name, shape in want.items():
-        t = state.get(name)
-        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
-            got = 'missing' if t is None else tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)}")
-    extra = sorted(set(state) - set(want))
-    if extra:
-        raise CheckpointError(f"{path}: weights {extra[:3]} do not belong to the model its model_args describe")
-    clusters = ckpt.get('clusters')
-    if clusters is not None and not (isinstance(clusters, torch.Tensor) and clusters.ndim == 1
-                                     and not clusters.is_floating_point() and len(clusters) > 0
-                                     and 0 <= int(clusters.min()) and int(clusters.max()) < config.n_clusters):
-        raise CheckpointError(f"{path}: its user -> cluster assignment is not ids in [0, {config.n_clusters})")
-    return ckpt
-
-
-def load_checkpoint(path, device='cpu'):
-    """Load a checkpoint written by train.py -> (model in eval mode, checkpoint dict), validated by
-    read_checkpoint (a CheckpointError, one line, for anything wrong)."""
-    ckpt = read_checkpoint(path, device)
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    model.to(device)
-    model.eval()
-    return model, ckpt
-
-
-def expand_state(state, model):
-    """A state dict for `model` from `state`, a checkpoint of the same architecture with fewer
-    parameter sets: a tensor with one set fewer dimension is copied into every set (HeTLM's warm
-    start: every cluster's set begins as the shared model), a tensor of the same shape as is."""
-    out = {}
-    for name, want in model.state_dict().items():
-        if name not in state:
-            if name in ('page_bias', 'repeat_w', 'repeat_d'):   # a plain GPT / an older run has none: its start
-                out[name] = want
-                continue
-            raise ValueError(f"{name} is missing from the checkpoint")
-        src = state[name]
-        if src.shape == want.shape:
-            out[name] = src
-        elif src.shape == want.shape[1:]:
-            out[name] = src.unsqueeze(0).expand_as(want).clone()
-        else:
-            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(want.shape)}")
-    return out
-
-
-def count_params(config):
-    """Parameters of GPT(config), counted on the meta device (nothing is allocated)."""
-    with torch.device('meta'):
-        return sum(p.numel() for p in GPT(config).parameters())
-
-
-def matched_single_config(config):
-    """HeTLM's fair baseline: one plain GPT (n_clusters = 1) with about as many parameters as the
-    clusterwise model `config`, by widening n_embd (a multiple of n_head). Returns (config, ratio)."""
-    target = count_params(config)
-    base = {**config.__dict__, 'n_clusters': 1}
-    size = lambda width: count_params(GPTConfig(**{**base, 'n_embd': width * config.n_head}))
-    lo, hi = 1, 16 * config.n_embd // config.n_head   # widths in units of n_head; count grows with width
-    while hi - lo > 1:                                # binary search for the last width not above target
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
-    width = min((lo, hi), key=lambda w: abs(size(w) - target))
-    return GPTConfig(**{**base, 'n_embd': width * config.n_head}), size(width) / target
-
-
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (an empty set where it cannot be read)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key.strip() in ('flags', 'Features'):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
-
-
-def pick_dtype(name, device):
-    """'float32' / 'bfloat16' as given; 'auto' -> bf16 autocast only where the hardware runs it
-    faster than fp32: a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16 (read from
-    /proc/cpuinfo, never assumed; without them bf16 is emulated and slower). Returns (name, why)."""
-    if name != 'auto':
-        return name, 'as set'
-    if device.startswith('cuda'):
-        if torch.cuda.is_bf16_supported():
-            return 'bfloat16', f'{torch.cuda.get_device_name(device)} supports bf16'
-        return 'float32', 'this GPU has no bf16 support'
-    if device == 'cpu':
-        flags = cpu_flags()
-        fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
-        if fast:
-            return 'bfloat16', f"the CPU has {' and '.join(fast)}"
-        return 'float32', ('the CPU has neither amx_bf16 nor avx512_bf16' if flags
-                           else 'CPU features unknown (no /proc/cpuinfo)')
-    return 'float32', f'{device}: fp32 by default'
-
-
-def resolve_device(name):
-    """'auto' -> cuda if available, then mps, then cpu; anything else as given, once checked
-    (a ConfigError, one line, for a device this machine does not have)."""
-    if name != 'auto':
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"--device={name}: not a device (expected auto, cpu, cuda, cuda:N or mps)") from None
-        if dev.type == 'cuda' and not torch.cuda.is_available():
-            raise ConfigError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
-        if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        mps = getattr(torch.backends, 'mps', None)
-        if dev.type == 'mps' and not (mps is not None and mps.is_available()):
-            raise ConfigError(f"--device={name}: MPS is not available on this machine; use --device=cpu or auto")
-        if dev.type not in ('cpu', 'cuda', 'mps'):
-            raise ConfigError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'

@@ -23,7 +23,7 @@ import cluster
 from configurator import run_main
 from data import DataError, load_data
 from evaluate import evaluate_model, per_user_stats
-from model import load_checkpoint, resolve_device
+from runtime import load_checkpoint, resolve_device
 
 # -----------------------------------------------------------------------------
 true = 'out/n5_true/stage1/ckpt.pt'        # sets trained on data.segments
@@ -47,7 +47,7 @@ def run(cfg):
     for name in ('true', 'kmeans', 'random'):
         if not os.path.isfile(cfg[name]):
             raise ConfigError(f"--{name}={cfg[name]}: no checkpoint there (README: the commands above)")
-        runs[name] = load_checkpoint(cfg[name], dev)   # model.CheckpointError (a ConfigError) if it is not one
+        runs[name] = load_checkpoint(cfg[name], dev)   # runtime.CheckpointError (a ConfigError) if it is not one
         if runs[name][1].get('clusters') is None:
             raise ConfigError(f"--{name}={cfg[name]}: not a clusterwise checkpoint (no user -> cluster assignment)")
     data = load_data(runs['true'][1]['config']['data_dir'])

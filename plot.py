@@ -95,7 +95,7 @@ def score(ckpt_path, split, dev):
     from data import load_data
     from baselines import markov_scorer
     from evaluate import evaluate, evaluate_model
-    from model import load_checkpoint
+    from runtime import load_checkpoint
     model, ck = load_checkpoint(ckpt_path, dev)
     data = load_data(ck['config']['data_dir'])
     uc = None if ck.get('clusters') is None else ck['clusters'].numpy()
@@ -186,7 +186,7 @@ def save(fig, path):
 
 def run(cfg, run_dir):
     from configurator import ConfigError
-    from model import resolve_device
+    from runtime import resolve_device
     plt = pyplot()
     if cfg['split'] not in ('val', 'test'):
         raise ConfigError(f"--split={cfg['split']}: expected val or test")

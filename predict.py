@@ -56,7 +56,7 @@ class Predictor:
     vocabulary, hence a class."""
 
     def __init__(self, path, device='auto'):
-        from model import load_checkpoint, resolve_device
+        from runtime import load_checkpoint, resolve_device
         from tokenizer import PageTokenizer
         self.device = resolve_device(device)
         self.model, self.ckpt = load_checkpoint(path, self.device)

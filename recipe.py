@@ -12,12 +12,18 @@ config file is never changed.
     cfg, reasons = derive(cfg, data_stats(data))
 
 Every rule names the measurement that chose it (README, "Settings that fit the data").
+check_config (one-line errors for settings that cannot work) and fill_settings (the rules, or the
+settings of the run a resume or stage 2 continues) are what train.py calls.
 """
 
 import math
+import os
 
 import numpy as np
 
+from configurator import ConfigError
+from evaluate import BEST_METRICS
+from model import SCOPES
 from tokenizer import N_SPECIAL
 
 # what "from the data" looks like in train.py's globals block
@@ -92,3 +98,65 @@ def describe(reasons, s):
              f"pages per session; {s['repeat_rate']:.0%} repeats):"]
     lines += [f"  {k:<14} {v:<8g} {why}" for k, v, why in reasons]
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# train.py's settings: checked, then filled from the data
+
+def check_config(cfg):
+    """One-line errors for settings that would otherwise fail deep inside a run."""
+    for k in ('max_iters', 'eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_tokens',
+              'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd', 'epochs'):
+        if cfg[k] < 1 and cfg[k] != AUTO.get(k):
+            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer" + (" (0: from the data)" if k in AUTO else ""))
+    for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters'):
+        if cfg[k] < 0 and cfg[k] != AUTO[k]:
+            raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
+    if cfg['eval_users'] < 0:
+        raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0 = all)")
+    if cfg.get('sampled_softmax', 0) < 0:
+        raise ConfigError(f"--sampled_softmax={cfg['sampled_softmax']}: must be >= 0 (0: the full softmax)")
+    if cfg.get('threads', 0) < 0:
+        raise ConfigError(f"--threads={cfg['threads']}: must be >= 0 (0: one per free core)")
+    if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
+        raise ConfigError(f"--out_dir={cfg['out_dir']}: exists and is not a folder")
+    if cfg['time_budget'] < 0 or cfg['patience'] < 0:
+        raise ConfigError(f"--time_budget={cfg['time_budget']} --patience={cfg['patience']}: must be >= 0 (0 = off)")
+    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
+        raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
+    if cfg['stage'] not in (1, 2):
+        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (every behavior) or 2 (the balanced stage)")
+    if cfg['init_from'] not in ('scratch', 'resume'):   # a checkpoint to warm-start from
+        if cfg['stage'] == 2:
+            raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
+        if not os.path.isfile(cfg['init_from']):
+            raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch', 'resume' or a checkpoint file")
+    if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in SCOPES:
+        raise ConfigError(f"--n_clusters={cfg['n_clusters']} --cluster_scope={cfg['cluster_scope']}: "
+                          f"need n_clusters >= 1 and a scope in {SCOPES}")
+    if cfg['best_metric'] != 'auto' and cfg['best_metric'] not in BEST_METRICS:
+        raise ConfigError(f"--best_metric={cfg['best_metric']}: expected 'auto' or one of {sorted(BEST_METRICS)}")
+    if not 0 <= cfg['band_low'] < cfg['band_high'] <= 1:
+        raise ConfigError(f"--band_low={cfg['band_low']} --band_high={cfg['band_high']}: need 0 <= low < high <= 1")
+    if cfg['tail_weight'] < 0 or not 0 <= cfg['class_balanced'] < 1:
+        raise ConfigError("--tail_weight must be >= 0 and --class_balanced in [0, 1)")
+
+
+def fill_settings(cfg, data, prior, master):
+    """Settings left "from the data" (recipe.AUTO): those of the run we continue (prior: its
+    checkpoint, on resume or in stage 2), else derived by recipe.derive and printed with their
+    reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data, the
+    data's statistics where they were read, else None)."""
+    reasons, stats = [], None
+    if prior is not None:
+        reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
+        for k, auto in AUTO.items():
+            if cfg[k] == auto and k in prior['config']:
+                cfg[k] = prior['config'][k]
+    if any(cfg[k] == auto for k, auto in AUTO.items()):
+        stats = data_stats(data)
+        cfg, new = derive(cfg, stats)
+        reasons += new
+        if master:
+            print(describe(new, stats))
+    return cfg, [list(r) for r in reasons], stats

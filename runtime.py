@@ -4,8 +4,11 @@ but that is no part of either method. Run (train.py) inherits Machinery's method
 - the time budget (the plan re-aimed when it would overrun it), early stopping and its cooldown,
   and what a resume of a run that had ended may still do;
 - the dtype (bf16 or fp32, timed in seconds) and the CPU threads (below);
-- DDP set-up, run folders (claim_stage_dir: one run per folder, --overwrite), checkpoints written
-  atomically, the metrics log, warm starts from another run's weights.
+- opening and checking the dataset, reading the checkpoint a resume starts from, the plan and
+  validation lines, checkpoints (written atomically; validate_and_save), fit()'s start and end;
+- DDP set-up, run folders (claim_stage_dir: one run per folder, --overwrite), the metrics log,
+  warm starts from another run's weights;
+- devices and dtypes (resolve_device, pick_dtype: the last section).
 
 Threads.
 Why it matters: PyTorch on a CPU runs each operation on a team of OpenMP threads, one per core
@@ -20,9 +23,12 @@ this is off.
 """
 
 import json
+import math
 import os
+import re
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -30,7 +36,9 @@ from tqdm import tqdm
 
 from configurator import ConfigError
 from files import atomic_output
-from model import expand_state, pick_dtype, read_checkpoint, resolve_device
+from model import GPT, GPTConfig, check_gpt_config
+from tokenizer import SPECIALS
+from data import BUILTIN_DIR, ensure_builtin, load_data
 
 
 def usable_cores():
@@ -118,7 +126,7 @@ TIMING_LOGITS = 1 << 27   # target tokens x pages per timed step at most: whole 
 TIMING_SECONDS = 6.0   # timed pairs stop after this (at least 3 pairs)
 
 
-def faster_dtype(model, cfg, batches, weight, logit_bias):
+def faster_dtype(model, cfg, batches, weight, logit_bias, draw=None):
     """dtype=auto on a CPU with native bf16 matmuls (AMX or AVX512-BF16): bf16 or fp32, whichever
     trains faster here. Copies of the model take training steps on slices of the run's first
     batches (whole, or a slice of at most TIMING_LOGITS / pages targets), fp32 and bf16 in alternation, each slice first
@@ -132,6 +140,7 @@ def faster_dtype(model, cfg, batches, weight, logit_bias):
     if cfg['max_iters'] < SHORT_RUN:
         return 'bfloat16', f"auto: the CPU has native bf16 (a run of {cfg['max_iters']} iterations is not timed)"
     rng = torch.get_rng_state()
+    negatives = None if draw is None else draw()     # a sampled softmax's pages (drawn after the RNG is kept)
     runs = {}
     for name in ('float32', 'bfloat16'):
         m = copy.deepcopy(model).train()
@@ -142,7 +151,8 @@ def faster_dtype(model, cfg, batches, weight, logit_bias):
         m, opt, ctx = runs[name]
         t = time.perf_counter()
         with ctx:
-            _, loss = m(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias, return_logits=False)
+            _, loss = m(x, y, cluster_ids=cid, class_weight=weight, logit_bias=logit_bias, return_logits=False,
+                        negatives=negatives)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,8 +180,8 @@ def faster_dtype(model, cfg, batches, weight, logit_bias):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file of this process, then os.replace: a crash or a full disk never
-    leaves a torn checkpoint, and two writers never share a temporary file."""
+    """torch.save through files.atomic_output: a crash or a full disk never leaves a torn checkpoint
+    (the old one stays), and two writers never share a temporary file."""
     try:
         with atomic_output(path, "wb") as f:   # an unnamed file until complete: a kill leaves nothing
             torch.save(obj, f)
@@ -302,7 +312,7 @@ class Machinery:
             cfg['dtype'], self.dtype_why = pick_dtype(cfg['dtype'], self.dev)
             if cfg['dtype'] == 'bfloat16' and self.dtype_why != 'as set' and self.device_type == 'cpu':  # measure
                 cfg['dtype'], self.dtype_why = faster_dtype(self.model, cfg, [self.batch(i) for i in range(12)],
-                                                            self.weight, self.logit_bias)
+                                                            self.weight, self.logit_bias, self.negatives)
                 if self.ddp:  # every process trains in the dtype the first one measured
                     pick = [cfg['dtype'], self.dtype_why]
                     torch.distributed.broadcast_object_list(pick, src=0)
@@ -363,4 +373,312 @@ class Machinery:
             return more
         return more and self.asked['max_iters'] > 0 and self.asked['max_iters'] != self.max_iters_before
 
-    # --- the loop ---------------------------------------------------------------------------------
+    def open_dataset(self):
+        """The prepared dataset (the built-in one is generated on first use), checked for a page and a
+        validation target."""
+        cfg = self.cfg
+        if os.path.normpath(cfg['data_dir']) == os.path.normpath(BUILTIN_DIR):
+            if self.master:
+                ensure_builtin(cfg['data_dir'])
+            if self.ddp:
+                torch.distributed.barrier()
+        data = load_data(cfg['data_dir'])
+        if data.vocab_size <= 4:
+            raise ConfigError(f"{cfg['data_dir']}: its vocabulary holds no page (only the special tokens); "
+                              "prepare it again from a log with events")
+        if not (np.asarray(data.val_pos) >= 0).any():
+            raise ConfigError(f"{cfg['data_dir']}: no user has a validation and a test target (each needs at least 3 "
+                              f"{'sessions' if data.split == 'session' else 'events'}), so nothing can be validated")
+        return data
+
+    def resume_state(self, ckpt):
+        """A resume: the checkpoint's weights, optimizer, random stream and loop state (train.Run.restore)."""
+        self.model.load_state_dict(ckpt['model'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.iter_num, self.best_val, self.best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
+        self.best_iter, self.elapsed_before = ckpt.get('best_iter', self.iter_num), ckpt.get('elapsed', 0.0)
+        self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
+        self.cool = ckpt.get('cooldown')
+        self.search = ckpt.get('search')
+        self.finished = self.ended_before = ckpt.get('finished')
+        self.max_iters_before = ckpt.get('asked_max_iters', 0)
+        self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].numpy()
+        torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
+        if self.talk:
+            print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
+
+    def end_distributed(self):
+        """Under DDP: every process waits for the report, then leaves the process group."""
+        if self.ddp:
+            torch.distributed.barrier()
+            from torch.distributed import destroy_process_group
+            destroy_process_group()
+
+    def read_resume(self):
+        """--init_from=resume: this stage's ckpt.pt, on the dataset's vocabulary."""
+        if not os.path.isfile(self.ckpt_path):
+            raise ConfigError(f"--init_from=resume: no checkpoint at {self.ckpt_path}")
+        ckpt = read_checkpoint(self.ckpt_path)
+        if ckpt['tokenizer']['pages'] != self.data.tokenizer.pages:
+            raise ConfigError(f"--init_from=resume: {self.ckpt_path} was trained on another vocabulary "
+                              f"than {self.cfg['data_dir']}")
+        return ckpt
+
+    def print_validation(self, metrics, improved):
+        """A validation's line in metrics.jsonl and on the screen."""
+        log_metrics(self.stage_dir, {'kind': 'val', 'iter': self.iter_num, 'elapsed': round(self.elapsed(), 1),
+                                     'best': improved,
+                                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        sess = f"session nll {metrics['session_nll']:.4f}, " if 'session_nll' in metrics else ''
+        tqdm.write(f"iter {self.iter_num}: val {sess}nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
+                   f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
+                   f"tail {metrics['acc_tail']:.4f}{'  (best ' + self.cfg['best_metric'] + ')' if improved else ''}")
+
+    def print_plan(self):
+        cfg, m = self.cfg, self.data.meta
+        print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
+              f"{self.data.vocab_size:,} tokens in the vocabulary, {len(self.windows):,} training windows")
+        print(f"model: {self.raw_model.get_num_params() / 1e6:.3f}M parameters; device {self.dev}, dtype "
+              f"{cfg['dtype']} ({self.dtype_why}), {self.world} process(es), {torch.get_num_threads()} threads each"
+              + (f" ({self.share.why})" if self.share else ""))
+        budget = f", time budget {cfg['time_budget']:g} min" if cfg['time_budget'] > 0 else ""
+        print(f"plan: {cfg['max_iters']:,} iterations, validation every {cfg['eval_interval']:,}, early stop after "
+              f"{cfg['patience']} without a better {cfg['best_metric']}{budget}")
+
+    def save(self, path):
+        """A checkpoint with everything a resume, sample.py and evaluate.py need (written atomically)."""
+        rng_states = [torch.get_rng_state()]
+        if self.ddp:  # every process's dropout RNG, so a resumed DDP run continues each stream
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        if not self.master:
+            return
+        data, uc = self.data, self.user_clusters
+        save_atomic({
+            'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
+            'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
+            'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
+            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'finished': self.finished,
+            'asked_max_iters': self.asked['max_iters'],
+            'best_users': None if self.best_users is None else torch.from_numpy(np.asarray(self.best_users, np.float32)),
+            'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
+            'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
+            'clusters': None if uc is None else torch.from_numpy(uc),
+        }, path)
+
+    def validate_and_save(self):
+        """Validation, then best.pt (if it improved) and ckpt.pt; every process learns the outcome."""
+        t = time.time()
+        improved = self.validate() if self.master else False
+        if self.ddp:  # everyone learns whether best improved (only the master evaluated)
+            flag = [improved, self.best_iter, self.progress]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            improved, self.best_iter, _ = flag
+            self.progress.update(flag[2])
+        if improved:
+            self.save(self.best_path)
+        if improved or self.cfg['always_save_checkpoint'] or self.iter_num == self.cfg['max_iters']:
+            self.save(self.ckpt_path)
+        self.eval_secs.append(time.time() - t)
+
+    def begin_fit(self):
+        """fit()'s start: False where a resumed run's training had ended (it was killed in its report,
+        and asks for no more iterations); else the replaced run's files go (--overwrite), and this
+        run's clock and random stream start again."""
+        ended = self.ended_before
+        if ended is not None and not self.asks_for_more(ended):
+            if self.master:
+                print(f"{self.ckpt_path}: training had ended ({ended}); only the report is left (an explicit "
+                      f"--max_iters above {self.iter_num:,} trains on)")
+            return False
+        self.ended_before = self.finished = None
+        for path in self.replaced:      # --overwrite=True: the old run goes once this one can start
+            if os.path.isfile(path):
+                os.remove(path)
+        self.replaced = []
+        self.t_start = time.time()                       # the clock runs while this run trains
+        torch.set_rng_state(self.rng_state)              # and its own random stream (search.py interleaves runs)
+        self.eval_secs = []                              # validation times: the budget plans with them
+        self.deadline = self.cfg['time_budget'] * 60 if self.cfg['time_budget'] > 0 else math.inf   # s of elapsed()
+        return True
+
+    def end_fit(self, stop, pause_at):
+        """fit()'s end: a pause is validated and saved; the clock stops; where training has ended,
+        why, in ckpt.pt (a resume then only finishes the report). Returns stop."""
+        cfg = self.cfg
+        if stop is None and self.iter_num == pause_at:   # a pause is always validated and saved
+            if self.iter_num % cfg['eval_interval'] != 0:
+                self.validate_and_save()
+            elif not cfg['always_save_checkpoint']:
+                self.save(self.ckpt_path)
+        self.elapsed_before, self.t_start = self.elapsed(), None   # the clock stops between fits
+        self.rng_state = torch.get_rng_state()
+        if pause_at is None or self.iter_num < pause_at:  # training has ended: a resume only reports
+            moved = cfg['max_iters'] != self.planned_iters   # the time budget or a cooldown moved the end
+            self.finished = stop or (f"its end was moved to iteration {self.iter_num:,}" if moved else RAN)
+            self.save(self.ckpt_path)
+        return stop
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: read and checked before use
+
+class CheckpointError(ConfigError):
+    """A file that is not a usable checkpoint; one line naming the file and what is wrong. A
+    ConfigError, so every script's run_main already prints it as one line and exits 2."""
+
+
+def read_checkpoint(path, device='cpu'):
+    """The one reader of a checkpoint file (train.py's): the validated dict, or a CheckpointError
+    naming the file and what is wrong (missing, empty, cut short, not a torch file, objects that
+    weights_only refuses, missing keys, bad model_args, weights that do not fit model_args). Only
+    tensors and plain Python values are loaded (weights_only=True): a checkpoint cannot run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no checkpoint there" + (" (a folder)" if os.path.isdir(path) else ""))
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip/pickle/EOF/unpickling errors: every one means "not a usable checkpoint"
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's words for an object weights_only refuses
+        if unsafe:
+            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), refused: a checkpoint may "
+                                  "hold only tensors and plain values (weights_only=True), so it cannot run code") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (cut short, or not a PyTorch file; "
+                              f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    kinds = {'model': dict, 'model_args': dict, 'config': dict, 'tokenizer': dict, 'iter_num': int}
+    for key, kind in kinds.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path}: no {key!r} ({kind.__name__}) in it; not a checkpoint written by train.py")
+    args = ckpt['model_args']
+    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model_args {unknown}")
+    try:
+        config = GPTConfig(**args)
+        check_gpt_config(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: bad model_args: {e}") from None
+    tok = ckpt['tokenizer']
+    pages = tok.get('pages')
+    if not (isinstance(pages, list) and isinstance(tok.get('counts'), list)
+            and len(pages) == len(tok['counts']) == config.vocab_size and pages[:len(SPECIALS)] == SPECIALS
+            and all(isinstance(p, str) for p in pages) and len(set(pages)) == len(pages)):
+        raise CheckpointError(f"{path}: its tokenizer is not the specials then {config.vocab_size - len(SPECIALS)} "
+                              "distinct pages with their counts (vocab_size in model_args)")
+    if not isinstance(ckpt['config'].get('data_dir'), str):
+        raise CheckpointError(f"{path}: config has no data_dir")
+    with torch.device('meta'):  # the expected shapes, nothing allocated
+        want = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    state = ckpt['model']
+    for name, shape in want.items():
+        t = state.get(name)
+        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+            got = 'missing' if t is None else tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)}")
+    extra = sorted(set(state) - set(want))
+    if extra:
+        raise CheckpointError(f"{path}: weights {extra[:3]} do not belong to the model its model_args describe")
+    clusters = ckpt.get('clusters')
+    if clusters is not None and not (isinstance(clusters, torch.Tensor) and clusters.ndim == 1
+                                     and not clusters.is_floating_point() and len(clusters) > 0
+                                     and 0 <= int(clusters.min()) and int(clusters.max()) < config.n_clusters):
+        raise CheckpointError(f"{path}: its user -> cluster assignment is not ids in [0, {config.n_clusters})")
+    return ckpt
+
+
+def load_checkpoint(path, device='cpu'):
+    """Load a checkpoint written by train.py -> (model in eval mode, checkpoint dict), validated by
+    read_checkpoint (a CheckpointError, one line, for anything wrong)."""
+    ckpt = read_checkpoint(path, device)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.to(device)
+    model.eval()
+    return model, ckpt
+
+
+def expand_state(state, model):
+    """A state dict for `model` from `state`, a checkpoint of the same architecture with fewer
+    parameter sets: a tensor with one set fewer dimension is copied into every set (HeTLM's warm
+    start: every cluster's set begins as the shared model), a tensor of the same shape as is."""
+    out = {}
+    for name, want in model.state_dict().items():
+        if name not in state:
+            if name in ('page_bias', 'repeat_w', 'repeat_d'):   # a plain GPT / an older run has none: its start
+                out[name] = want
+                continue
+            raise ValueError(f"{name} is missing from the checkpoint")
+        src = state[name]
+        if src.shape == want.shape:
+            out[name] = src
+        elif src.shape == want.shape[1:]:
+            out[name] = src.unsqueeze(0).expand_as(want).clone()
+        else:
+            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(want.shape)}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# devices and dtypes
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where it cannot be read)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('flags', 'Features'):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_dtype(name, device):
+    """'float32' / 'bfloat16' as given; 'auto' -> bf16 autocast only where the hardware runs it
+    faster than fp32: a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16 (read from
+    /proc/cpuinfo, never assumed; without them bf16 is emulated and slower). Returns (name, why)."""
+    if name != 'auto':
+        return name, 'as set'
+    if device.startswith('cuda'):
+        if torch.cuda.is_bf16_supported():
+            return 'bfloat16', f'{torch.cuda.get_device_name(device)} supports bf16'
+        return 'float32', 'this GPU has no bf16 support'
+    if device == 'cpu':
+        flags = cpu_flags()
+        fast = [f for f in ('amx_bf16', 'avx512_bf16') if f in flags]
+        if fast:
+            return 'bfloat16', f"the CPU has {' and '.join(fast)}"
+        return 'float32', ('the CPU has neither amx_bf16 nor avx512_bf16' if flags
+                           else 'CPU features unknown (no /proc/cpuinfo)')
+    return 'float32', f'{device}: fp32 by default'
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available, then mps, then cpu; anything else as given, once checked
+    (a ConfigError, one line, for a device this machine does not have)."""
+    if name != 'auto':
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device={name}: not a device (expected auto, cpu, cuda, cuda:N or mps)") from None
+        if dev.type == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
+        if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, 'mps', None)
+        if dev.type == 'mps' and not (mps is not None and mps.is_available()):
+            raise ConfigError(f"--device={name}: MPS is not available on this machine; use --device=cpu or auto")
+        if dev.type not in ('cpu', 'cuda', 'mps'):
+            raise ConfigError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'

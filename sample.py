@@ -19,6 +19,7 @@ tokenizer, config) is in the checkpoint; the dataset folder is read only to look
 import os
 import sys
 
+import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
@@ -39,7 +40,7 @@ device = 'auto'
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-from tokenizer import PAD, UNK, BOS, EOS, N_SPECIAL  # noqa: E402
+from tokenizer import BOS, EOS, N_SPECIAL, UNK  # noqa: E402
 
 
 def parse_history(text):
@@ -63,14 +64,13 @@ def encode_history(sessions, tokenizer):
     return ids, unknown
 
 
-@torch.no_grad()
 def next_page_probs(model, ids, device, cluster=0):
     """Probability of every token as the next one, given the last block_size ids of a history
-    (read by parameter set `cluster` of a clusterwise model)."""
-    block = model.config.block_size
-    idx = torch.tensor([ids[-block:]], dtype=torch.long, device=device)
-    logits, _ = model(idx, cluster_ids=torch.tensor([cluster]))
-    return torch.softmax(logits[0, -1].float(), dim=-1)    # (V,)
+    (read by parameter set `cluster` of a clusterwise model): model.GPT.next_logits, softmaxed."""
+    ids = ids[-model.config.block_size:]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    logits = model.next_logits(idx, torch.tensor([[len(ids) - 1]], device=device), [cluster])
+    return torch.softmax(logits[0, 0], dim=-1)                        # (V,)
 
 
 @torch.no_grad()
@@ -82,27 +82,12 @@ def assign_cluster(model, ids, device):
     return int(pick_set(nll)[0]), nll[:, 0].tolist()
 
 
-@torch.no_grad()
 def generate(model, ids, max_new_tokens, temperature, sample_top_k, generator, device, cluster=0):
-    """Continue the open session token by token until <eos> or max_new_tokens (pages only)."""
-    ids, out = list(ids), []
-    for _ in range(max_new_tokens):
-        probs = next_page_probs(model, ids, device, cluster)
-        logits = torch.log(probs)
-        logits[[PAD, UNK, BOS]] = -float('inf')     # never emit padding, unknown or a session start
-        if temperature == 0:
-            nxt = int(torch.argmax(logits))
-        else:
-            logits = logits / temperature
-            if sample_top_k > 0:
-                v, _ = torch.topk(logits, min(sample_top_k, logits.numel()))
-                logits[logits < v[-1]] = -float('inf')
-            nxt = int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
-        if nxt == EOS:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return out
+    """Continue the open session until <eos> or max_new_tokens pages (never <pad>, <unk> or
+    <bos>): the session task's generation loop (sessions.generate) on this one history."""
+    from sessions import generate, model_logp
+    logp = model_logp(model, device, np.array([cluster]))
+    return generate(logp, [list(ids)], np.array([0]), max_new_tokens, generator, temperature, sample_top_k)[0]
 
 
 def read_history_file(path):
@@ -148,7 +133,7 @@ def show(model, tokenizer, ids, cfg, generator, device, title, cluster=0, real=N
 
 def run(cfg):
     from configurator import ConfigError
-    from model import load_checkpoint, resolve_device
+    from runtime import load_checkpoint, resolve_device
     from tokenizer import PageTokenizer
 
     path = os.path.join(cfg['out_dir'], cfg['ckpt_name'])
@@ -172,20 +157,31 @@ def run(cfg):
             raise ConfigError(f"--history_file={cfg['history_file']}: file not found")
         text = read_history_file(cfg['history_file'])
     if text:
-        sessions = parse_history(text)
-        if not sessions:
-            raise ConfigError("the history holds no pages")
-        ids, unknown = encode_history(sessions, tokenizer)
-        if unknown:
-            print(f"note: {len(unknown)} page(s) not in the vocabulary, read as <unk>: {' '.join(unknown[:10])}")
-        cluster = 0
-        if model.config.n_clusters > 1:
-            cluster, nll = assign_cluster(model, ids, dev)
-            print(f"assigned to cluster {cluster} (lowest NLL of the history over the "
-                  f"{model.config.n_clusters} parameter sets: {' '.join(f'{v:.3f}' for v in nll)})")
-        show(model, tokenizer, ids, cfg, generator, dev, "your history", cluster)
-        return
+        show_history(model, tokenizer, text, cfg, generator, dev)
+    else:
+        show_users(model, ckpt, tokenizer, path, cfg, generator, dev)
 
+
+def show_history(model, tokenizer, text, cfg, generator, dev):
+    """A history of the user's own (placed in a parameter set by HeTLM's rule)."""
+    from configurator import ConfigError
+    sessions = parse_history(text)
+    if not sessions:
+        raise ConfigError("the history holds no pages")
+    ids, unknown = encode_history(sessions, tokenizer)
+    if unknown:
+        print(f"note: {len(unknown)} page(s) not in the vocabulary, read as <unk>: {' '.join(unknown[:10])}")
+    cluster = 0
+    if model.config.n_clusters > 1:
+        cluster, nll = assign_cluster(model, ids, dev)
+        print(f"assigned to cluster {cluster} (lowest NLL of the history over the "
+              f"{model.config.n_clusters} parameter sets: {' '.join(f'{v:.3f}' for v in nll)})")
+    show(model, tokenizer, ids, cfg, generator, dev, "your history", cluster)
+
+
+def show_users(model, ckpt, tokenizer, path, cfg, generator, dev):
+    """--user, or a few users with the longest histories, of the dataset the model saw."""
+    from configurator import ConfigError
     from data import load_data
     data = load_data(ckpt['config']['data_dir'])
     if list(data.tokenizer.pages) != tokenizer.pages:

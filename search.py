@@ -210,6 +210,18 @@ def run(cfg, Run):
     if len(cands) == 1:
         return first, first.fit()
     lower = first.cfg['best_metric'] in LOWER_IS_BETTER
+    state = start_state(path, state, first, cands, cfg)
+    if state['phase'] == 'probe':
+        room, stop = probe(cfg, path, state, first, cands)
+        if not room:
+            return first, stop or first.fit()
+    runs = Trials(cfg, Run, state, trials_dir, first)
+    climb(cfg, path, state, runs, lower)
+    return crown(cfg, path, state, runs, stage_dir, trials_dir)
+
+
+def start_state(path, state, first, cands, cfg):
+    """A new search's state (written to search.json), or a resumed one's, checked against cands."""
     if state is None:
         state = {'phase': 'probe', 'max_iters': first.cfg['max_iters'], 'metric': first.cfg['best_metric'],
                  'dtype': first.cfg['dtype'], 'seed': cfg['seed'], 'b': 0,
@@ -219,36 +231,62 @@ def run(cfg, Run):
     elif [t['name'] for t in state['trials']] != [n for n, _ in cands]:
         raise ConfigError(f"{path}: the search was started with other settings ({'; '.join(t['name'] for t in state['trials'])}); "
                           "resume it with the same flags, or start afresh with --overwrite=True")
+    return state
+
+
+def probe(cfg, path, state, first, cands):
+    """The rules' candidate trains to the probe rung; its speed says whether the budget has room
+    for the others (then state gets rung 0 and the phase 'search'). Returns (room, why it stopped)."""
     trials, n_iters = state['trials'], state['max_iters']
-    if state['phase'] == 'probe':
-        b0 = aligned(LADDER[-1] * n_iters, first.cfg['eval_interval'])
-        print(f"search: {len(cands)} candidates ({'; '.join(n for n, _ in cands)}); the rules' settings train "
-              f"first to iteration {b0:,}, then their speed says whether the budget has room for the others")
-        stop = first.fit(pause_at=b0)
-        record(trials[0], first, stop)
-        sec = first.elapsed() / max(1, first.iter_num)
-        fits = first.cfg['max_iters'] >= n_iters      # the time budget did not shorten the plan
-        b = plan(len(cands), n_iters, first.cfg['eval_interval'], sec, cfg['time_budget'] * 60) if fits else None
-        if b is None:
-            print(f"search: no room in the time budget for other candidates (the run alone takes about "
-                  f"{n_iters * sec / 60:.1f} min): the rules' settings train on")
-            os.remove(path)                              # nothing was searched: a plain run from here on
-            return first, stop or first.fit()
-        state.update(phase='search', b=b, sec_per_iter=sec)
-        write_state(path, state)
-        print(f"search: rung 0 at iteration {b:,} of {n_iters:,}, then the best third on to {ETA}x that")
-    runs, users = {0: first}, {}
+    b0 = aligned(LADDER[-1] * n_iters, first.cfg['eval_interval'])
+    print(f"search: {len(cands)} candidates ({'; '.join(n for n, _ in cands)}); the rules' settings train "
+          f"first to iteration {b0:,}, then their speed says whether the budget has room for the others")
+    stop = first.fit(pause_at=b0)
+    record(trials[0], first, stop)
+    sec = first.elapsed() / max(1, first.iter_num)
+    fits = first.cfg['max_iters'] >= n_iters      # the time budget did not shorten the plan
+    b = plan(len(cands), n_iters, first.cfg['eval_interval'], sec, cfg['time_budget'] * 60) if fits else None
+    if b is None:
+        print(f"search: no room in the time budget for other candidates (the run alone takes about "
+              f"{n_iters * sec / 60:.1f} min): the rules' settings train on")
+        os.remove(path)                              # nothing was searched: a plain run from here on
+        return False, stop
+    state.update(phase='search', b=b, sec_per_iter=sec)
+    write_state(path, state)
+    print(f"search: rung 0 at iteration {b:,} of {n_iters:,}, then the best third on to {ETA}x that")
+    return True, stop
 
-    def trial_run(i):
-        if i not in runs:
-            folder = os.path.join(trials_dir, f"c{i + 1}")   # ours: a new run removes the last search's
+
+class Trials:
+    """The candidates' runs, each built when first needed in its own folder search/c{i + 1} (a
+    resumed search rebuilds them from their checkpoints); the rules' candidate is the run itself."""
+
+    def __init__(self, cfg, Run, state, trials_dir, first):
+        self.cfg, self.Run, self.state, self.trials_dir = cfg, Run, state, trials_dir
+        self.runs = {0: first}
+
+    def __call__(self, i):
+        if i not in self.runs:
+            folder = os.path.join(self.trials_dir, f"c{i + 1}")   # ours: a new run removes the last search's
             has = os.path.isfile(os.path.join(folder, 'stage1', 'ckpt.pt'))
-            runs[i] = Run(dict(cfg, **trials[i]['settings'], out_dir=folder, time_budget=0.0, dtype=state['dtype'],
-                               init_from='resume' if has else 'scratch', overwrite=True), verbose=False)
-        return runs[i]
+            self.runs[i] = self.Run(dict(self.cfg, **self.state['trials'][i]['settings'], out_dir=folder,
+                                         time_budget=0.0, dtype=self.state['dtype'],
+                                         init_from='resume' if has else 'scratch', overwrite=True), verbose=False)
+        return self.runs[i]
 
+    def drop(self, i):
+        self.runs.pop(i, None)
+
+    def keep_only(self, i):
+        self.runs = {i: self.runs[i]}
+
+
+def climb(cfg, path, state, runs, lower):
+    """Successive halving: at each rung the live candidates train on to it, then the best `keep`
+    (and the rules' candidate) go on; at the last, the one-SE rule picks one (state['why'])."""
+    trials, n_iters, users = state['trials'], state['max_iters'], {}
     budget = cfg['time_budget'] * 60
-    for t_rung, keep, _ in rungs(len(cands), state['b'], n_iters):
+    for t_rung, keep, _ in rungs(len(trials), state['b'], n_iters):
         alive = [i for i, t in enumerate(trials) if t['alive']]
         if len(alive) <= keep:
             continue                                     # a rung a resumed search had finished
@@ -260,20 +298,20 @@ def run(cfg, Run):
             if budget and i != 0 and spent + (n_iters - t['iters']) * state['sec_per_iter'] > budget:
                 t.update(alive=False, why='no time left in the budget')   # the winner must still fit
                 continue
-            r = trial_run(i)
-            print(f"search: candidate {i + 1} of {len(cands)} ({t['name']}): iterations {r.iter_num:,} -> {t_rung:,}")
+            r = runs(i)
+            print(f"search: candidate {i + 1} of {len(trials)} ({t['name']}): iterations {r.iter_num:,} -> {t_rung:,}")
             try:
                 stop = r.fit(pause_at=t_rung)
             except ConfigError as e:                     # e.g. this candidate's loss diverged: it loses
                 t.update(alive=False, why=f"failed: {e}")
-                runs.pop(i, None)
+                runs.drop(i)
                 write_state(path, state)
                 continue
             record(t, r, stop)
             write_state(path, state)
         alive = [i for i, t in enumerate(trials) if t['alive'] and t['best'] is not None]
         for i in alive:
-            users[i] = trial_run(i).best_users
+            users[i] = runs(i).best_users
         scores = {i: trials[i]['best'] for i in alive}
         if keep == 1 or len(alive) <= 1:
             winner, why = one_se_winner(scores, users, lower)
@@ -284,11 +322,17 @@ def run(cfg, Run):
         for i, t in enumerate(trials):
             if t['alive'] and i not in survivors:
                 t.update(alive=False, why=t.get('why') or 'stopped')
-                runs.pop(i, None)
+                runs.drop(i)
         write_state(path, state)
+
+
+def crown(cfg, path, state, runs, stage_dir, trials_dir):
+    """The winner becomes the run: its files move into the run's folder (phase swap, then final),
+    the losers' optimizer states go, and it trains on with the budget the others left."""
+    trials = state['trials']
     winner = next(i for i, t in enumerate(trials) if t['alive'])
-    w = trial_run(winner)
-    runs = {winner: w}
+    w = runs(winner)
+    runs.keep_only(winner)
     state.update(winner=winner, phase='swap' if winner != 0 else 'final',
                  stopped=None if trials[winner]['finished'] in (None, 'done') else trials[winner]['finished'])
     write_state(path, state)

@@ -34,6 +34,7 @@ import torch
 from configurator import Progress
 from data import DataError, pick_users
 from baselines import bigram_logp, popularity
+from model import KVCache
 from tokenizer import BOS, EOS, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
@@ -154,19 +155,57 @@ def model_logp(model, device, clusters=None):
         for i, c in enumerate(ctx):
             x[i, :len(c)] = c
         idx = torch.from_numpy(x).to(device)
-        cid = None if clusters is None else torch.as_tensor(np.asarray(clusters)[rows], dtype=torch.long)
-        was = model.training
-        model.eval()
-        h = model.hidden_states(idx, cid)                                  # (B, T, C)
+        cid = None if clusters is None else np.asarray(clusters)[rows]
         at = torch.as_tensor(np.maximum(lengths[:, None] - n_last + np.arange(n_last), 0), device=device)
-        h = h[torch.arange(len(ctx), device=device)[:, None], at]          # (B, n_last, C) the last positions
-        z = model.add_repeat(model.head(h, cid).float(), idx, at)
-        model.train(was)
+        z = model.next_logits(idx, at, cid)                                # (B, n_last, V) the last positions
         return torch.log_softmax(z.masked_fill(masked, -math.inf), dim=-1)  # (B, n_last, V)
     logp.rows_per_pass = lambda T, n_last=1: max(1, min(ROW_TOKENS // max(T, 1),
                                                         ROW_LOGITS // (n_last * model.config.vocab_size)))
     logp.block = block
+    logp.decoder = lambda contexts, rows: CachedLogp(model, [c[-block:] for c in contexts], device, masked,
+                                                     None if clusters is None else np.asarray(clusters)[rows])
     return logp
+
+
+class CachedLogp:
+    """model_logp's next-token log-probabilities for generation, from key/value caches
+    (model.KVCache): one per parameter set among the rows (one for all rows where the sets share
+    every weight but the norms). Call it for (B, V); advance(keep, tokens) adds a token per row kept."""
+
+    def __init__(self, model, contexts, device, masked, cids=None):
+        self.masked, self.V, self.B, self.device = masked, model.config.vocab_size, len(contexts), device
+        if cids is None or model.config.n_clusters == 1 or model.config.cluster_scope == 'norms':
+            parts = [np.arange(self.B)]
+        else:
+            parts = [np.flatnonzero(cids == k) for k in np.unique(cids)]
+        self.parts = []
+        for p in parts:
+            lengths = [len(contexts[i]) for i in p]
+            x = np.full((len(p), max(lengths)), PAD, dtype=np.int64)
+            for j, i in enumerate(p):
+                x[j, :lengths[j]] = contexts[i]
+            cache = KVCache(model, torch.from_numpy(x).to(device), lengths, None if cids is None else cids[p])
+            self.parts.append((p, cache))
+
+    @torch.inference_mode()
+    def __call__(self):
+        z = torch.empty(self.B, self.V, device=self.device)
+        for p, cache in self.parts:
+            z[torch.from_numpy(p).to(self.device)] = cache.logits()
+        return torch.log_softmax(z.masked_fill(self.masked, -math.inf), dim=-1)
+
+    @torch.inference_mode()
+    def advance(self, keep, tokens):
+        keep, tokens = np.asarray(keep, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
+        new = np.full(self.B, -1)
+        new[keep] = np.arange(len(keep))              # each kept row's index among the rows that go on
+        parts = []
+        for p, cache in self.parts:
+            on = new[p] >= 0
+            if on.any():
+                cache.advance(np.flatnonzero(on), tokens[new[p][on]])
+                parts.append((new[p][on], cache))
+        self.parts, self.B = parts, len(keep)
 
 
 def markov_logp(data, beta=1.0):
@@ -228,9 +267,24 @@ def mean_session_nll(model, data, split, device, max_users=None, seed=1337, clus
     return float(total.sum() / max(known.sum(), 1))
 
 
-def generate(logp, contexts, rows, max_len, greedy, generator):
-    """Continue every context (a list of token ids ending with <bos>) until <eos> or max_len pages,
-    in batches of similar context length. rows: each context's user (for clusterwise models).
+def pick_next(lp, generator, temperature=1.0, top_k=0):
+    """The next token of each row of lp (B, V) log-probabilities: the most likely at temperature 0,
+    else drawn from softmax(lp / temperature), among the top_k most likely where top_k > 0."""
+    if temperature == 0:
+        return lp.argmax(1)
+    if temperature != 1 or top_k > 0:
+        lp = lp / temperature
+        if top_k > 0:
+            kth = torch.topk(lp, min(top_k, lp.size(1)), dim=1).values[:, -1:]
+            lp = lp.masked_fill(lp < kth, -math.inf)
+        lp = torch.log_softmax(lp, dim=1)
+    return torch.multinomial(lp.exp().cpu(), 1, generator=generator).squeeze(1)   # a CPU generator
+
+
+def generate(logp, contexts, rows, max_len, generator, temperature=1.0, top_k=0):
+    """Continue every context (token ids ending inside an open session) until <eos> or max_len
+    pages, in batches of similar context length: the one generation loop (the session task,
+    sample.py). rows: each context's user (for clusterwise models); temperature 0 is greedy.
     Returns a list of page-id lists."""
     out = [[] for _ in contexts]
     order = np.argsort([len(c) for c in contexts], kind="stable")
@@ -239,15 +293,20 @@ def generate(logp, contexts, rows, max_len, greedy, generator):
         batch = order[s:s + per_pass]
         seqs = {int(i): list(contexts[i][-logp.block:]) for i in batch}
         active = [int(i) for i in batch]
-        for _ in range(max_len):
-            lp = logp([seqs[i] for i in active], rows[active])[:, -1]
-            nxt = (lp.argmax(1) if greedy else torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)).tolist()
-            still = []
-            for i, t in zip(active, nxt):
+        cached = logp.decoder([seqs[i] for i in active], rows[active]) if hasattr(logp, "decoder") else None
+        kept = []
+        for step in range(max_len):
+            if cached is not None and step:
+                cached.advance(kept, [seqs[i][-1] for i in active])   # one new position per row
+            lp = cached() if cached is not None else logp([seqs[i] for i in active], rows[active])[:, -1]
+            nxt = pick_next(lp, generator, temperature, top_k).tolist()
+            still, kept = [], []
+            for j, (i, t) in enumerate(zip(active, nxt)):
                 if t != EOS:
                     seqs[i].append(t)
                     out[i].append(t)
                     still.append(i)
+                    kept.append(j)
             active = still
             if not active:
                 break
@@ -296,7 +355,7 @@ def evaluate_sessions(data, split, methods, max_users=None, seed=1337, max_len=N
             if mode == "greedy" and name == "most-popular":
                 gen = popular_greedy(data, len(users))
             else:
-                gen = generate(logp, ctx, users, max_len, mode == "greedy", g)
+                gen = generate(logp, ctx, users, max_len, g, temperature=0.0 if mode == "greedy" else 1.0)
             if mode == "sampled":
                 samples.append(gen)
             sc = [session_scores(a, b) for a, b in zip(gen, real)]
@@ -305,7 +364,7 @@ def evaluate_sessions(data, split, methods, max_users=None, seed=1337, max_len=N
             r[f"{mode}_len"] = np.array([len(x) for x in gen])
         if outcome_id is not None:
             for _ in range(outcome_samples - 1):
-                samples.append(generate(logp, ctx, users, max_len, False, g))
+                samples.append(generate(logp, ctx, users, max_len, g))
             p = np.mean([[outcome_id in s for s in gen] for gen in samples], axis=0)
             y = np.array([outcome_id in x for x in real])
             pred = p >= 0.5

@@ -3,6 +3,24 @@ The built-in dataset: a simulated shop, generated deterministically (no download
 through the ordinary event-log path of data.py. `python data.py --builtin` (or a plain
 `python train.py`) builds it into data/builtin; --n_users, --n_items, --session_scale and --repeat
 give logs of other shapes.
+
+The ground truth (what a model can learn, and why a GPT with context beats first-order Markov):
+- 434 pages (builtin_pages): 10 hubs (home, search, deals, new-arrivals, cart, wishlist,
+  checkout, purchase, account, help), 8 category pages c/X, 320 items p/X/k with Zipf(1.1)
+  popularity by k, 96 reviews pages p/X/k/reviews (k < 12). Most pages hold < 1% of events.
+- 5 segments (SEGMENTS) with their own liked categories (recoverable by clustering users'
+  page counts), landing pages, next page from home and from an item, checkout and purchase
+  rates (the outcome page `purchase`) and session lengths: the same page is left differently
+  by different segments, so knowing the segment (from the context) helps.
+- Tail pages are predictable: from item p/X/k the user opens its companion p/X/c(k), c(k) =
+  20 + (7k+3) mod 20 (a tail item), with a segment-dependent probability; reviews pages are
+  reached only from their item; new-arrivals leads to the newest items p/X/30..39.
+- Second-order rules (the page two or more steps back matters): after a companion, 40% go
+  back to the item it came from; after reviews, 50% back to the item and 35% to the cart;
+  search leads to an item of the category browsed before the search; cart and wishlist lead
+  to checkout or back to the category page of the item put there; purchase ends the session
+  70% of the time.
+- Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes.
 """
 
 import gzip
@@ -19,7 +37,7 @@ from files import building, write_atomic
 CATEGORIES = ["electronics", "books", "fashion", "beauty", "toys", "home-living", "sports", "garden"]
 HUBS = ["home", "search", "deals", "new-arrivals", "cart", "wishlist", "checkout", "purchase", "account", "help"]
 N_ITEMS, N_REVIEWED = 40, 12  # items per category (Zipf popularity by index); items 0..11 have a reviews page
-SEGMENTS = [  # the ground truth of the simulated shop (see simulate_site); weights need not sum to 1
+SEGMENTS = [  # the ground truth of the simulated shop (the module docstring); weights need not sum to 1
     dict(name="deal hunters", share=.24, likes={"fashion": 5, "beauty": 4}, sessions=4, p_end=.14,
          land=[3, 6, 1, 0, 0],                   # session starts at: home, deals, category, search, new-arrivals
          home=[6, 2, 1, .5, .5],                 # home -> deals, category, search, account/help, new-arrivals
@@ -51,32 +69,104 @@ def companion(k, n_items=N_ITEMS):
     return half + (7 * k + 3) % half
 
 
-def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, repeat=0.0, repeat_decay=0.8):
-    """Simulated shop log: rows (user, epoch seconds, page) and the ground-truth segment of each user.
+def cum(w):
+    """Cumulative weights, normalized (draw with Rules.draw)."""
+    return (np.cumsum(w) / np.sum(w)).tolist()
 
-    Ground truth (what a model can learn, and why a GPT with context beats first-order Markov):
-    - 434 pages (builtin_pages): 10 hubs (home, search, deals, new-arrivals, cart, wishlist,
-      checkout, purchase, account, help), 8 category pages c/X, 320 items p/X/k with Zipf(1.1)
-      popularity by k, 96 reviews pages p/X/k/reviews (k < 12). Most pages hold < 1% of events.
-    - 5 segments (SEGMENTS) with their own liked categories (recoverable by clustering users'
-      page counts), landing pages, next page from home and from an item, checkout and purchase
-      rates (the outcome page `purchase`) and session lengths: the same page is left differently
-      by different segments, so knowing the segment (from the context) helps.
-    - Tail pages are predictable: from item p/X/k the user opens its companion p/X/c(k), c(k) =
-      20 + (7k+3) mod 20 (a tail item), with a segment-dependent probability; reviews pages are
-      reached only from their item; new-arrivals leads to the newest items p/X/30..39.
-    - Second-order rules (the page two or more steps back matters): after a companion, 40% go
-      back to the item it came from; after reviews, 50% back to the item and 35% to the cart;
-      search leads to an item of the category browsed before the search; cart and wishlist lead
-      to checkout or back to the category page of the item put there; purchase ends the session
-      70% of the time.
-    - Sessions are separated by gaps of 1 hour to 4 days; events within one by 5 s to 2 minutes.
+
+def item(c, k):                                   # a page is (name, category, item)
+    return (f"p/{CATEGORIES[c]}/{k}", c, k)
+
+
+def category(c):
+    return (f"c/{CATEGORIES[c]}", c, None)
+
+
+def hub(name, c=None, k=None):
+    return (name, c, k)
+
+
+class Rules:
+    """The shop's seeded random stream and its rules for the next page (the module docstring)."""
+
+    def __init__(self, seed, n_items, repeat_decay):
+        self.rng = np.random.default_rng(seed)
+        self.U = self.uniforms()
+        self.n_items, self.repeat_decay, self.log_decay = n_items, repeat_decay, math.log(repeat_decay)
+        self.newest = n_items - n_items // 4
+        self.zipf_item = cum(1 / np.arange(1, n_items + 1) ** 1.1)
+        self.flat_item = cum(1 / np.arange(1, n_items + 1) ** 0.5)
+
+    def uniforms(self):  # scalar draws from a seeded stream, fast
+        while True:
+            yield from self.rng.random(1 << 16).tolist()
+
+    def u(self):
+        return next(self.U)
+
+    def draw(self, c):   # an index drawn with cumulative weights c
+        return min(bisect(c, next(self.U)), len(c) - 1)
+
+    def revisit(self, seen):
+        """One of seen (the user's page events so far, oldest first), the one `age` events back (1 = the
+        newest) drawn with weight repeat_decay**(age - 1): a truncated geometric age, by inverting its
+        CDF (1 - d**a) / (1 - d**n), so no weights are built per draw."""
+        n = len(seen)
+        age = math.ceil(math.log(1.0 - next(self.U) * (1.0 - self.repeat_decay ** n)) / self.log_decay)
+        return seen[n - min(max(age, 1), n)]
+
+    def landing(self, land, cats):
+        """A session's first page."""
+        draw = self.draw
+        return [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)),
+                hub("new-arrivals")][draw(land)]
+
+    def next_page(self, page, prev, seg, cats, home, acts):
+        """The page after `page` (prev: the one before it) for a user of segment seg."""
+        draw, U, n_items = self.draw, self.U, self.n_items
+        name, c, k = page
+        if name == "home":
+            a = draw(home)
+            return [hub("deals"), category(draw(cats)), hub("search", draw(cats)),
+                    hub("account" if next(U) < .6 else "help"), hub("new-arrivals")][a]
+        if name == "deals":  # sale items 8, 13, 17 of a liked category
+            return item(draw(cats), (8, 13, 17)[min(int(3 * next(U)), 2)])
+        if name == "new-arrivals":  # the newest items, the last quarter (30..39 of 40): tail pages
+            newest = self.newest
+            return item(draw(cats), newest + min(int((n_items - newest) * next(U)), n_items - newest - 1))
+        if name.startswith("c/"):
+            return item(c, draw(self.zipf_item))
+        if name == "search":  # an item of the category browsed before the search
+            return item(c if c is not None else draw(cats), draw(self.flat_item))
+        if name.endswith("/reviews"):
+            a = next(U)
+            return item(c, k) if a < .5 else hub("cart", c, k) if a < .85 else hub("search", c)
+        if name.startswith("p/"):
+            if prev[2] is not None and prev[1] == c and companion(prev[2], n_items) == k and next(U) < .4:
+                return prev  # back from the companion to the item it came from
+            a = draw(acts)
+            if a == 2 and k >= N_REVIEWED:
+                a = 0
+            return [item(c, draw(self.zipf_item)), item(c, companion(k, n_items)), hub(f"{name}/reviews", c, k),
+                    hub("cart", c, k), hub("wishlist", c, k), category(c), hub("search", c), hub("home")][a]
+        if name in ("cart", "wishlist"):  # checkout, or back to the category of the item put there
+            go = next(U) < (seg["checkout"] if name == "cart" else .1)
+            return hub("checkout") if go else category(c) if c is not None else hub("home")
+        if name == "checkout":
+            return hub("purchase") if next(U) < seg["purchase"] else hub("help")
+        # purchase, account, help
+        return hub("home") if next(U) < .7 else hub("account" if name == "help" else "help")
+
+
+def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, repeat=0.0, repeat_decay=0.8):
+    """Simulated shop log: rows (user, epoch seconds, page) and the ground-truth segment of each user
+    (the module's docstring says what a model can learn from it).
     Other shapes (the defaults give the built-in shop): n_items per category scales the catalogue
     (companions are items n/2..n-1, new arrivals the last quarter); session_scale scales each
     segment's mean number of sessions (0.25: mostly one session per user, short histories).
     repeat in [0, 1] makes a repeat-heavy log: with probability `repeat` the next event (a
     session's first one included) revisits one of the user's own earlier page events instead of
-    following the rules above, drawn with recency weights repeat_decay**(age - 1) over all the user's
+    following the rules (Rules.next_page), drawn with recency weights repeat_decay**(age - 1) over all the user's
     page events so far (age 1 = the newest: the current page, a reload; at a session's start, the
     previous session's last page), so recent pages come back most; the session then goes on by the
     ordinary rules from the page revisited.
@@ -84,30 +174,10 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, r
     nothing extra (the log is the one without the knob, event for event)."""
     if not 0.0 <= repeat <= 1.0 or not 0.0 < repeat_decay < 1.0:
         raise ValueError("simulate_site needs 0 <= repeat <= 1 and 0 < repeat_decay < 1")
-    rng = np.random.default_rng(seed)
-    def uniforms():  # scalar draws from a seeded stream, fast
-        while True:
-            yield from rng.random(1 << 16).tolist()
-    U = uniforms()
-    cum = lambda w: (np.cumsum(w) / np.sum(w)).tolist()
-    draw = lambda c: min(bisect(c, next(U)), len(c) - 1)  # index drawn with cumulative weights c
-    log_decay = math.log(repeat_decay)
-
-    def revisit(seen):
-        """One of seen (the user's page events so far, oldest first), the one `age` events back (1 = the
-        newest) drawn with weight repeat_decay**(age - 1): a truncated geometric age, by inverting its
-        CDF (1 - d**a) / (1 - d**n), so no weights are built per draw."""
-        n = len(seen)
-        age = math.ceil(math.log(1.0 - next(U) * (1.0 - repeat_decay ** n)) / log_decay)
-        return seen[n - min(max(age, 1), n)]
-
-    newest = n_items - n_items // 4
-    zipf_item, flat_item = cum(1 / np.arange(1, n_items + 1) ** 1.1), cum(1 / np.arange(1, n_items + 1) ** 0.5)
+    sim = Rules(seed, n_items, repeat_decay)
+    rng, U = sim.rng, sim.U
     seg_of = np.minimum(np.searchsorted(np.cumsum([s["share"] for s in SEGMENTS]), rng.random(n_users)),
                         len(SEGMENTS) - 1)
-    item = lambda c, k: (f"p/{CATEGORIES[c]}/{k}", c, k)      # a page is (name, category, item)
-    category = lambda c: (f"c/{CATEGORIES[c]}", c, None)
-    hub = lambda name, c=None, k=None: (name, c, k)
     rows, t_first = [], 1704067200 + rng.integers(0, 30 * 86400, size=n_users)  # from 2024-01-01 UTC
     for u in range(n_users):
         seg = SEGMENTS[seg_of[u]]
@@ -116,10 +186,9 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, r
         t, seen = float(t_first[u]), []  # seen: the user's page events so far (only with repeat > 0)
         for _ in range(1 + rng.poisson(max(0.0, seg["sessions"] * session_scale - 1))):
             if repeat > 0 and seen and next(U) < repeat:  # the session opens on a page visited before
-                page = revisit(seen)
+                page = sim.revisit(seen)
             else:
-                page = [hub("home"), hub("deals"), category(draw(cats)), hub("search", draw(cats)),
-                        hub("new-arrivals")][draw(land)]
+                page = sim.landing(land, cats)
             hist = []
             while True:
                 hist.append(page)
@@ -130,41 +199,9 @@ def simulate_site(n_users=5000, seed=1337, n_items=N_ITEMS, session_scale=1.0, r
                 if len(hist) >= 40 or next(U) < (.7 if page[0] == "purchase" else seg["p_end"]):
                     break
                 if repeat > 0 and next(U) < repeat:  # back to a page visited before (the current one too)
-                    page = revisit(seen)
+                    page = sim.revisit(seen)
                     continue
-                name, c, k = page
-                prev = hist[-2] if len(hist) > 1 else hub(None)
-                if name == "home":
-                    a = draw(home)
-                    page = [hub("deals"), category(draw(cats)), hub("search", draw(cats)),
-                            hub("account" if next(U) < .6 else "help"), hub("new-arrivals")][a]
-                elif name == "deals":  # sale items 8, 13, 17 of a liked category
-                    page = item(draw(cats), (8, 13, 17)[min(int(3 * next(U)), 2)])
-                elif name == "new-arrivals":  # the newest items, the last quarter (30..39 of 40): tail pages
-                    page = item(draw(cats), newest + min(int((n_items - newest) * next(U)), n_items - newest - 1))
-                elif name.startswith("c/"):
-                    page = item(c, draw(zipf_item))
-                elif name == "search":  # an item of the category browsed before the search
-                    page = item(c if c is not None else draw(cats), draw(flat_item))
-                elif name.endswith("/reviews"):
-                    a = next(U)
-                    page = item(c, k) if a < .5 else hub("cart", c, k) if a < .85 else hub("search", c)
-                elif name.startswith("p/"):
-                    if prev[2] is not None and prev[1] == c and companion(prev[2], n_items) == k and next(U) < .4:
-                        page = prev  # back from the companion to the item it came from
-                        continue
-                    a = draw(acts)
-                    if a == 2 and k >= N_REVIEWED:
-                        a = 0
-                    page = [item(c, draw(zipf_item)), item(c, companion(k, n_items)), hub(f"{name}/reviews", c, k),
-                            hub("cart", c, k), hub("wishlist", c, k), category(c), hub("search", c), hub("home")][a]
-                elif name in ("cart", "wishlist"):  # checkout, or back to the category of the item put there
-                    go = next(U) < (seg["checkout"] if name == "cart" else .1)
-                    page = hub("checkout") if go else category(c) if c is not None else hub("home")
-                elif name == "checkout":
-                    page = hub("purchase") if next(U) < seg["purchase"] else hub("help")
-                else:  # purchase, account, help
-                    page = hub("home") if next(U) < .7 else hub("account" if name == "help" else "help")
+                page = sim.next_page(page, hist[-2] if len(hist) > 1 else hub(None), seg, cats, home, acts)
             t += 3600 + 3 * 86400 * next(U)
     return rows, seg_of.astype(np.int64)
 

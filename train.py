@@ -1,34 +1,27 @@
 """
 Train the behavior GPT: next-page prediction on users' histories (HeTLM's small GPT trained from
-scratch), in the stages of BehaviorLM's curriculum.
+scratch), in the stages of BehaviorLM's curriculum (curriculum.py).
 
     python train.py --stage=1                              # built-in dataset, generated if missing
+    python train.py --stage=2                              # the balanced stage, from stage 1's best.pt
     python train.py --data_dir=data/bms --max_iters=3000   # a dataset prepared by data.py
     python train.py config/bms.py --init_from=resume       # a config file, then resume
     python train.py --n_clusters=5 --init_from=out/stage1/best.pt   # 5 sets, each starting as that model
     torchrun --standalone --nproc_per_node=2 train.py      # DistributedDataParallel (gloo on CPU)
 
 Checkpoints go to out_dir/stage{stage}/: ckpt.pt (latest: model, optimizer, iteration, RNG) and
-best.pt (best validation `best_metric`). Both load with torch.load(..., weights_only=True) and
-carry the tokenizer, the anchor set and the config, so sample.py needs nothing else.
-At the end the best checkpoint is evaluated once on the test split, next to the simple baselines
-(baselines.py: most-popular, Markov, SR, SKNN, recency), with a paired bootstrap interval against
-the best of them (evaluate.py); the tables are printed and saved as results.json.
-Where the time budget has room, stage 1 first chooses dropout (and, for long histories, the
-context) on validation by successive halving and trains the winner on (search.py; --search=False).
+best.pt (best validation `best_metric`), with the tokenizer, anchors and config, so sample.py
+needs nothing else (both load with torch.load(..., weights_only=True)). At the end best.pt is
+scored once on the test split beside the simple baselines (baselines.py), with a paired bootstrap
+interval against the best of them (evaluate.py); the tables go to stdout and results.json. Where
+the time budget has room, stage 1 first chooses dropout (and, for long histories, the context) on
+validation by successive halving (search.py; --search=False).
 
-The curriculum (BehaviorLM, "anchor then tail"):
-- stage 1 trains on every user's full history; the loss weighs anchor targets 1 and tail targets
-  `tail_weight` (every page is still in the context, so its tied embedding is learned there);
-- stage 2 starts from stage 1's best.pt, scores the difficulty of every training target (stage-1
-  cross-entropy, one batched pass), keeps up to `per_behavior` samples per behavior from a
-  difficulty band (rare behaviors keep all), and fine-tunes on those targets with their full
-  preceding context at a lower learning rate, optionally with a KL term to the stage-1 model.
-
-    python train.py --stage=1 && python train.py --stage=2
-Baselines in the same harness: --tail_weight=1 (one-stage plain training), --tail_weight=1
---class_balanced=0.999 (class-balanced loss); every final report adds post-hoc logit adjustment of
-the model it trained.
+Stage 1 trains on every user's full history (tail targets weigh `tail_weight`); stage 2 fine-tunes
+on a difficulty-balanced subset of the training targets, each with its full context, at a lower
+learning rate, optionally with a KL term to the stage-1 model (curriculum.py). Baselines in the
+same harness: --tail_weight=1 (one stage), --class_balanced=0.999 (class-balanced loss); every
+final report adds post-hoc logit adjustment of the model it trained.
 """
 
 import os
@@ -47,15 +40,16 @@ from tqdm import tqdm
 
 from configurator import ConfigError, run_main
 from files import hold, release
-from runtime import (RAN, CpuShare, Machinery, claim_stage_dir, fmt_time, log_metrics, plain, save_atomic,
+from runtime import (RAN, CpuShare, Machinery, claim_stage_dir, fmt_time, load_checkpoint, log_metrics,
                      setup_distributed, warm_start)
-from model import GPT, GPTConfig, SCOPES, load_checkpoint, read_checkpoint
-from data import BatchSchedule, DataError, describe_anchors, load_data, ensure_builtin, train_windows, get_batch
+from model import GPT, GPTConfig, draw_negatives, sampling_weights
+from data import BatchSchedule, DataError, describe_anchors, train_windows, get_batch
 from cluster import load_clusters, window_clusters
 import curriculum
-from recipe import AUTO, data_stats, derive, describe
+from recipe import AUTO, check_config, fill_settings
 from tokenizer import N_SPECIAL
-from evaluate import COLUMNS, LOWER_IS_BETTER, evaluate_model, final_report, per_user_scores
+from baselines import popularity
+from evaluate import LOWER_IS_BETTER, evaluate_model, final_report, per_user_scores
 import search as settings_search
 from sessions import mean_session_nll
 
@@ -99,6 +93,8 @@ bias = False
 repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
                                # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
 repeat_decay = True            # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
+sampled_softmax = 0            # pages drawn per step (by popularity^0.75) for a sampled softmax in place of the
+                               #   full one, for big catalogues (model.GPT._sampled_loss); 0 = the full softmax
 # AdamW
 learning_rate = 0.0            # data: peak learning rate
 max_iters = 0                  # data: from `epochs`; the time budget may shorten it
@@ -182,66 +178,6 @@ def better(a, b, metric):
     return math.isnan(b) or (a < b if metric in LOWER_IS_BETTER else a > b)
 
 
-BEST_METRICS = set(COLUMNS) | {'hmean', 'macro_recall', 'session_nll'}   # session_nll: --split=session data only
-
-
-def check_config(cfg):
-    """One-line errors for settings that would otherwise fail deep inside a run."""
-    for k in ('max_iters', 'eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_tokens',
-              'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd', 'epochs'):
-        if cfg[k] < 1 and cfg[k] != AUTO.get(k):
-            raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer" + (" (0: from the data)" if k in AUTO else ""))
-    for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters'):
-        if cfg[k] < 0 and cfg[k] != AUTO[k]:
-            raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
-    if cfg['eval_users'] < 0:
-        raise ConfigError(f"--eval_users={cfg['eval_users']}: must be >= 0 (0 = all)")
-    if cfg.get('threads', 0) < 0:
-        raise ConfigError(f"--threads={cfg['threads']}: must be >= 0 (0: one per free core)")
-    if os.path.exists(cfg['out_dir']) and not os.path.isdir(cfg['out_dir']):
-        raise ConfigError(f"--out_dir={cfg['out_dir']}: exists and is not a folder")
-    if cfg['time_budget'] < 0 or cfg['patience'] < 0:
-        raise ConfigError(f"--time_budget={cfg['time_budget']} --patience={cfg['patience']}: must be >= 0 (0 = off)")
-    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16'):
-        raise ConfigError(f"--dtype={cfg['dtype']}: expected 'auto', 'float32' or 'bfloat16'")
-    if cfg['stage'] not in (1, 2):
-        raise ConfigError(f"--stage={cfg['stage']}: expected 1 (every behavior) or 2 (the balanced stage)")
-    if cfg['init_from'] not in ('scratch', 'resume'):   # a checkpoint to warm-start from
-        if cfg['stage'] == 2:
-            raise ConfigError(f"--init_from={cfg['init_from']}: stage 2 starts from --stage1_ckpt instead")
-        if not os.path.isfile(cfg['init_from']):
-            raise ConfigError(f"--init_from={cfg['init_from']}: expected 'scratch', 'resume' or a checkpoint file")
-    if cfg['n_clusters'] < 1 or cfg['cluster_scope'] not in SCOPES:
-        raise ConfigError(f"--n_clusters={cfg['n_clusters']} --cluster_scope={cfg['cluster_scope']}: "
-                          f"need n_clusters >= 1 and a scope in {SCOPES}")
-    if cfg['best_metric'] != 'auto' and cfg['best_metric'] not in BEST_METRICS:
-        raise ConfigError(f"--best_metric={cfg['best_metric']}: expected 'auto' or one of {sorted(BEST_METRICS)}")
-    if not 0 <= cfg['band_low'] < cfg['band_high'] <= 1:
-        raise ConfigError(f"--band_low={cfg['band_low']} --band_high={cfg['band_high']}: need 0 <= low < high <= 1")
-    if cfg['tail_weight'] < 0 or not 0 <= cfg['class_balanced'] < 1:
-        raise ConfigError("--tail_weight must be >= 0 and --class_balanced in [0, 1)")
-
-
-def fill_settings(cfg, data, prior, master):
-    """Settings left "from the data" (recipe.AUTO): those of the run we continue (prior: its
-    checkpoint, on resume or in stage 2), else derived by recipe.derive and printed with their
-    reasons. Returns (cfg, [(key, value, reason)] of every setting that came from the data, the
-    data's statistics where they were read, else None)."""
-    reasons, stats = [], None
-    if prior is not None:
-        reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
-        for k, auto in AUTO.items():
-            if cfg[k] == auto and k in prior['config']:
-                cfg[k] = prior['config'][k]
-    if any(cfg[k] == auto for k, auto in AUTO.items()):
-        stats = data_stats(data)
-        cfg, new = derive(cfg, stats)
-        reasons += new
-        if master:
-            print(describe(new, stats))
-    return cfg, [list(r) for r in reasons], stats
-
-
 def train(cfg):
     """Run one training stage with config dict `cfg`; returns the final report's results (the first
     process, with final_eval on; None otherwise)."""
@@ -306,28 +242,16 @@ class Run(Machinery):
 
     # --- setup -------------------------------------------------------------------------------
     def load_data(self):
-        """The prepared dataset (the built-in one is generated on first use), and best_metric."""
+        """The prepared dataset (runtime.Machinery.open_dataset), and the metric that picks best.pt."""
         cfg = self.cfg
-        if os.path.normpath(cfg['data_dir']) == os.path.normpath(DEFAULTS['data_dir']):
-            if self.master:
-                ensure_builtin(cfg['data_dir'])
-            if self.ddp:
-                torch.distributed.barrier()
-        data = load_data(cfg['data_dir'])
-        if data.vocab_size <= 4:
-            raise ConfigError(f"{cfg['data_dir']}: its vocabulary holds no page (only the special tokens); "
-                              "prepare it again from a log with events")
-        if not (np.asarray(data.val_pos) >= 0).any():
-            raise ConfigError(f"{cfg['data_dir']}: no user has a validation and a test target (each needs at least 3 "
-                              f"{'sessions' if data.split == 'session' else 'events'}), so nothing can be validated")
-        a = data.meta['anchor']
+        data = self.open_dataset()
         if cfg['best_metric'] == 'auto':  # stage 2: hmean of anchor and tail accuracy (curriculum.py)
             cfg['best_metric'] = curriculum.selection_metric(cfg['stage'], data)
         if cfg['best_metric'] == 'session_nll' and data.split != 'session':
             raise ConfigError(f"--best_metric=session_nll: {cfg['data_dir']} has no held-out sessions "
                               f"(prepared with --split={data.split}, not --split=session)")
         if self.talk:
-            print(describe_anchors({'n_pages': data.vocab_size - N_SPECIAL, **a}))
+            print(describe_anchors({'n_pages': data.vocab_size - N_SPECIAL, **data.meta['anchor']}))
         return data
 
     def runs_we_continue(self):
@@ -348,12 +272,7 @@ class Run(Machinery):
             if self.talk:
                 print(f"stage 2 starts from {src} (iteration {stage1['iter_num']})")
         if cfg['init_from'] == 'resume':
-            if not os.path.isfile(self.ckpt_path):
-                raise ConfigError(f"--init_from=resume: no checkpoint at {self.ckpt_path}")
-            ckpt = read_checkpoint(self.ckpt_path)
-            if ckpt['tokenizer']['pages'] != data.tokenizer.pages:
-                raise ConfigError(f"--init_from=resume: {self.ckpt_path} was trained on another vocabulary "
-                                  f"than {cfg['data_dir']}")
+            ckpt = self.read_resume()     # runtime.Machinery: our own ckpt.pt, checked
         return ckpt, ref_model, stage1
 
     def choose_settings(self, prior):
@@ -405,6 +324,7 @@ class Run(Machinery):
                 self.logit_bias = bias.to(self.dev)
         if self.weight is not None:
             self.weight = self.weight.to(self.dev)
+        self.neg_q = None if cfg['sampled_softmax'] == 0 else sampling_weights(popularity(data, eos=True)).to(self.dev)
         self.groups = window_clusters(data, self.windows, self.user_clusters)
         # scope 'all' (K independent models): one parameter set per batch, as fast as a single model;
         # scopes with shared weights mix clusters in a batch, so shared weights see every cluster each step
@@ -424,32 +344,8 @@ class Run(Machinery):
         # evaluations of the same model); a run stops only when neither improved for `patience` of them
         self.progress = {'nll': math.inf, 'iter': 0}
         self.cool = None              # [iteration, learning rate] where a cooldown from best.pt began
-        if ckpt is None:
-            return
-        self.model.load_state_dict(ckpt['model'])
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.iter_num, self.best_val, self.best_metrics = ckpt['iter_num'], ckpt['best_val'], ckpt['best_metrics']
-        self.best_iter, self.elapsed_before = ckpt.get('best_iter', self.iter_num), ckpt.get('elapsed', 0.0)
-        self.progress = ckpt.get('progress', {'nll': math.inf, 'iter': self.best_iter})
-        self.cool = ckpt.get('cooldown')
-        self.search = ckpt.get('search')
-        self.finished = self.ended_before = ckpt.get('finished')
-        self.max_iters_before = ckpt.get('asked_max_iters', 0)
-        self.best_users = None if ckpt.get('best_users') is None else ckpt['best_users'].numpy()
-        torch.set_rng_state(ckpt['rng_state'][self.rank % len(ckpt['rng_state'])])
-        if self.talk:
-            print(f"resuming from {self.ckpt_path} at iteration {self.iter_num}")
-
-    def print_plan(self):
-        cfg, m = self.cfg, self.data.meta
-        print(f"data: {cfg['data_dir']}: {m['n_users']:,} users ({m['n_eval_users']:,} with val/test targets), "
-              f"{self.data.vocab_size:,} tokens in the vocabulary, {len(self.windows):,} training windows")
-        print(f"model: {self.raw_model.get_num_params() / 1e6:.3f}M parameters; device {self.dev}, dtype "
-              f"{cfg['dtype']} ({self.dtype_why}), {self.world} process(es), {torch.get_num_threads()} threads each"
-              + (f" ({self.share.why})" if self.share else ""))
-        budget = f", time budget {cfg['time_budget']:g} min" if cfg['time_budget'] > 0 else ""
-        print(f"plan: {cfg['max_iters']:,} iterations, validation every {cfg['eval_interval']:,}, early stop after "
-              f"{cfg['patience']} without a better {cfg['best_metric']}{budget}")
+        if ckpt is not None:
+            self.resume_state(ckpt)     # runtime.Machinery: the checkpoint's weights, optimizer, RNG and loop state
 
     # --- pieces of the loop ---------------------------------------------------------------------
     def batch(self, step):
@@ -461,6 +357,10 @@ class Run(Machinery):
 
     def lr_at(self, it, cool=None):
         return get_lr(it, self.cfg, cool)
+
+    def negatives(self):
+        """A sampled softmax's pages for one micro-batch (None: the full softmax)."""
+        return None if self.neg_q is None else draw_negatives(self.neg_q, self.cfg['sampled_softmax'])
 
     def step(self):
         """One optimizer step over gradient_accumulation_steps micro-batches; returns its learning rate."""
@@ -476,7 +376,8 @@ class Run(Machinery):
                 self.model.require_backward_grad_sync = micro == ga - 1
             with self.autocast:
                 logits, loss = self.model(x, y, cluster_ids=cid, class_weight=self.weight, logit_bias=self.logit_bias,
-                                          return_logits=use_kl)   # without KL: chunked loss, no (N, V) logits
+                                          return_logits=use_kl,   # without KL: chunked loss, no (N, V) logits
+                                          negatives=None if use_kl else self.negatives())
                 nll = loss.detach() if use_kl else self.raw_model.last_nll   # unweighted (stage 2 has no weights)
                 if use_kl:  # stay close to stage 1 (anchors)
                     with torch.no_grad():
@@ -506,6 +407,7 @@ class Run(Machinery):
                                          'lr': lr, 'train_nll': self.nll_acc.item() / n,
                                          'tokens_per_s': self.tokens_seen * self.world / dt})
             tqdm.write(f"iter {self.iter_num}/{cfg['max_iters']}: train nll {self.nll_acc.item() / n:.4f}"
+                       + (" (sampled softmax)" if self.neg_q is not None else "")
                        + (f" (weighted loss {self.loss_acc.item() / n:.4f})" if self.weight is not None else "")
                        + f", lr {lr:.2e}, {self.tokens_seen * self.world / dt:,.0f} target tokens/s, "
                        f"{fmt_time(self.elapsed())} elapsed, ~{fmt_time(left)} left")
@@ -513,29 +415,6 @@ class Run(Machinery):
 
     def reset_meters(self):
         self.t0, self.tokens_seen, self.loss_acc, self.nll_acc = time.time(), 0, None, 0.0
-
-    def save(self, path):
-        """A checkpoint with everything a resume, sample.py and evaluate.py need (written atomically)."""
-        rng_states = [torch.get_rng_state()]
-        if self.ddp:  # every process's dropout RNG, so a resumed DDP run continues each stream
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        if not self.master:
-            return
-        data, uc = self.data, self.user_clusters
-        save_atomic({
-            'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'model_args': self.model_args, 'iter_num': self.iter_num, 'rng_state': rng_states,
-            'elapsed': self.elapsed(), 'best_val': self.best_val, 'best_iter': self.best_iter,
-            'best_metrics': plain(self.best_metrics), 'progress': self.progress, 'cooldown': self.cool,
-            'config': dict(self.cfg), 'derived': self.derived, 'search': self.search, 'finished': self.finished,
-            'asked_max_iters': self.asked['max_iters'],
-            'best_users': None if self.best_users is None else torch.from_numpy(np.asarray(self.best_users, np.float32)),
-            'tokenizer': {'pages': list(data.tokenizer.pages), 'counts': plain(data.tokenizer.counts)},
-            'anchor_ids': plain(data.anchor_ids), 'data_meta': plain(data.meta),
-            'clusters': None if uc is None else torch.from_numpy(uc),
-        }, path)
 
     def validate(self):
         """Score the model on validation users (first process); update the best and the progress
@@ -557,50 +436,17 @@ class Run(Machinery):
         nll = metrics.get('session_nll', metrics['nll'])
         if improved or nll < self.progress['nll'] - 1e-4:     # (a change in the 5th digit is not progress)
             self.progress.update(nll=min(self.progress['nll'], nll), iter=self.iter_num)
-        log_metrics(self.stage_dir, {'kind': 'val', 'iter': self.iter_num, 'elapsed': round(self.elapsed(), 1),
-                                     'best': improved,
-                                     **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        sess = f"session nll {metrics['session_nll']:.4f}, " if 'session_nll' in metrics else ''
-        tqdm.write(f"iter {self.iter_num}: val {sess}nll {metrics['nll']:.4f}, hr@10 {metrics['hr@10']:.4f}, "
-                   f"ndcg@10 {metrics['ndcg@10']:.4f}, acc anchor {metrics['acc_anchor']:.4f} "
-                   f"tail {metrics['acc_tail']:.4f}{'  (best ' + cfg['best_metric'] + ')' if improved else ''}")
+        self.print_validation(metrics, improved)
         return improved
-
-    def validate_and_save(self):
-        """Validation, then best.pt (if it improved) and ckpt.pt; every process learns the outcome."""
-        t = time.time()
-        improved = self.validate() if self.master else False
-        if self.ddp:  # everyone learns whether best improved (only the master evaluated)
-            flag = [improved, self.best_iter, self.progress]
-            torch.distributed.broadcast_object_list(flag, src=0)
-            improved, self.best_iter, _ = flag
-            self.progress.update(flag[2])
-        if improved:
-            self.save(self.best_path)
-        if improved or self.cfg['always_save_checkpoint'] or self.iter_num == self.cfg['max_iters']:
-            self.save(self.ckpt_path)
-        self.eval_secs.append(time.time() - t)
 
     def fit(self, pause_at=None):
         """Train until max_iters, early stopping or the time budget; returns why it stopped early
         (None: it ran its iterations). pause_at (a multiple of eval_interval): return None at that
         iteration, validated and saved, with the run's clock stopped; fit() again goes on (search.py)."""
         cfg = self.cfg
-        ended = self.ended_before    # a resumed run whose training had ended (killed in its report)
-        if ended is not None and not self.asks_for_more(ended):
-            if self.master:
-                print(f"{self.ckpt_path}: training had ended ({ended}); only the report is left (an explicit "
-                      f"--max_iters above {self.iter_num:,} trains on)")
-            return None if ended == RAN else ended
-        self.ended_before = self.finished = None
-        for path in self.replaced:      # --overwrite=True: the old run goes once this one can start
-            if os.path.isfile(path):
-                os.remove(path)
-        self.replaced = []
-        self.t_start = time.time()                       # the clock runs while this run trains
-        torch.set_rng_state(self.rng_state)              # and its own random stream (search.py interleaves runs)
-        self.eval_secs, step_secs, stop = [], [], None   # validation and step times: the budget plans with them
-        self.deadline = cfg['time_budget'] * 60 if cfg['time_budget'] > 0 else math.inf   # seconds of elapsed()
+        if not self.begin_fit():        # runtime.Machinery: a resumed run that had ended only reports
+            return None if self.ended_before == RAN else self.ended_before
+        step_secs, stop = [], None      # step times: the time budget plans with them
         warm = cfg['stage'] == 2 or cfg['init_from'] not in ('scratch', 'resume')
         if warm and self.iter_num == 0:  # the trained weights we start from are the score to beat
             self.validate_and_save()
@@ -631,18 +477,7 @@ class Run(Machinery):
                 if self.iter_num % cfg['eval_interval'] != 0:
                     self.validate_and_save()
         self.bar.close()
-        if stop is None and self.iter_num == pause_at:   # a pause is always validated and saved
-            if self.iter_num % cfg['eval_interval'] != 0:
-                self.validate_and_save()
-            elif not cfg['always_save_checkpoint']:
-                self.save(self.ckpt_path)
-        self.elapsed_before, self.t_start = self.elapsed(), None   # the clock stops between fits
-        self.rng_state = torch.get_rng_state()
-        if pause_at is None or self.iter_num < pause_at:  # training has ended: a resume only reports
-            moved = cfg['max_iters'] != self.planned_iters   # the time budget or a cooldown moved the end
-            self.finished = stop or (f"its end was moved to iteration {self.iter_num:,}" if moved else RAN)
-            self.save(self.ckpt_path)
-        return stop
+        return self.end_fit(stop, pause_at)
 
     def finish(self, stop):
         """Say how the run ended, then the final report on best.pt (first process)."""
@@ -656,10 +491,7 @@ class Run(Machinery):
                       f"--stage2_learning_rate, --kl_weight > 0 or --prior_keep=1 change less of it")
             if cfg['final_eval']:
                 results = final_report(self.best_path, self.data, cfg, self.dev, self.stage_dir, self.search)
-        if self.ddp:
-            torch.distributed.barrier()
-            from torch.distributed import destroy_process_group
-            destroy_process_group()
+        self.end_distributed()
         return results
 
 

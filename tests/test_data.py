@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import logs  # noqa: E402
 import shop  # noqa: E402
 from data import DataError, anchor_split, eval_examples, get_batch, load_data, prepare, train_windows  # noqa: E402
 from tokenizer import BOS, EOS, PAD, UNK  # noqa: E402
@@ -85,7 +86,7 @@ def test_msnbc_layout_with_header_and_names(tmp_path):
     assert d.meta["format"] == "seq"
     assert streams(d) == {"8": S("frontpage", "frontpage"), "9": S("news"), "10": S("tech", "news", "news")}
     assert d.val_pos[2] == d.offsets[2] + 2 and d.test_pos[2] == d.offsets[2] + 3
-    assert data.detect_format(write(tmp_path, "m.gz", text, gz=True)) == "seq"  # '%' first line
+    assert logs.detect_format(write(tmp_path, "m.gz", text, gz=True)) == "seq"  # '%' first line
 
 
 def test_time_sorting_and_gap_sessions(tmp_path):
@@ -308,7 +309,7 @@ def test_columns_found_by_their_usual_names_and_a_time_column_read_by_default(tm
 
 def test_a_header_with_usual_names_is_an_event_log_whatever_the_extension(tmp_path):
     path = write(tmp_path, "log.txt", "customer_id\tproduct_id\nc1\tp1\nc1\tp2\nc1\tp3\n")
-    assert data.detect_format(path) == "events"
+    assert logs.detect_format(path) == "events"
 
 
 def test_a_session_column_is_found_and_a_log_of_sessions_alone_makes_each_session_a_user(tmp_path):

@@ -26,7 +26,8 @@ import shop  # noqa: E402
 import evaluate  # noqa: E402
 import hetlm  # noqa: E402
 import sample  # noqa: E402
-from model import GPT, GPTConfig, CheckpointError, check_gpt_config  # noqa: E402
+from model import GPT, GPTConfig, check_gpt_config  # noqa: E402
+from runtime import CheckpointError  # noqa: E402
 
 
 class Evil:

@@ -189,11 +189,16 @@ class StandIn(torch.nn.Module):
     def head(self, h, cluster_ids=None):
         logits = self.out(h)
         if cluster_ids is not None:
-            logits = logits + 3.0 * torch.nn.functional.one_hot(cluster_ids + 4, logits.size(-1))
+            bump = torch.nn.functional.one_hot(cluster_ids + 4, logits.size(-1))       # (B, V) per row
+            logits = logits + 3.0 * bump.view(len(cluster_ids), *[1] * (logits.dim() - 2), -1)
         return logits
 
     def repeat_terms(self, idx, at=None):
         return None                                                  # no repeat term
+
+    def next_logits(self, idx, at, cluster_ids=None, rows=None):
+        from model import GPT
+        return GPT.next_logits(self, idx, at, cluster_ids, rows)     # the GPT's own reader
 
 
 def one_at_a_time(model, data, split, block_size, clusters=None):
@@ -269,10 +274,11 @@ def test_format_table_has_every_row_and_n():
     assert len({len(line) for line in lines[:-1]}) == 1             # aligned
 
 
-def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
+def test_cli_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main([f"--ckpt={tmp_path}/nope.pt"])
-    assert "checkpoint not found" in str(e.value) and "\n" not in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "checkpoint not found" in err and err.count("\n") == 1
 
 
 def test_counts_agree_with_prepared_tokenizer(tmp_path):

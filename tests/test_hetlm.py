@@ -8,7 +8,7 @@ import pytest
 import hetlm
 from configurator import parse_config
 from shop import make_builtin
-from model import load_checkpoint
+from runtime import load_checkpoint
 
 
 def test_pipeline_writes_every_row_and_starts_sets_from_the_shared_model(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_mixed_cluster_batch_equals_each_cluster_alone(scope):
 
 
 def test_single_model_is_sized_to_the_clusterwise_parameter_count():
-    from model import count_params, matched_single_config
+    from hetlm import count_params, matched_single_config
     for K, scope in [(4, 'all'), (3, 'blocks'), (8, 'all')]:
         cfg = GPTConfig(block_size=64, vocab_size=438, n_layer=2, n_head=2, n_embd=64, n_clusters=K, cluster_scope=scope)
         single, ratio = matched_single_config(cfg)
@@ -154,6 +154,46 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat
         assert abs(grads[0][0] - grads[1][0]) < 1e-5
         for a, b in zip(grads[0][1], grads[1][1]):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("K,scope,repeat", [(1, 'all', True), (3, 'all', True), (3, 'norms', True), (2, 'blocks', False)])
+def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat):
+    # with every page in the sample and no correction (log_incl 0), the sampled loss is the full
+    # cross-entropy: same loss and gradients, weights, stage 2's logit bias, page biases and the
+    # repeat term included
+    m = tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat).train()
+    if m.page_bias is not None:
+        torch.nn.init.normal_(m.page_bias)
+    if repeat:
+        torch.nn.init.normal_(m.repeat_w)
+    idx = torch.randint(0, 30, (4, 16))
+    tgt = torch.randint(4, 30, (4, 16))
+    tgt[1, 9:] = -1
+    cid = torch.tensor([0, 1, 2, 1]) % K
+    every = (torch.arange(300), torch.zeros(300))
+    for kw in ({}, dict(class_weight=torch.rand(300), logit_bias=0.1 * torch.randn(300))):
+        runs = []
+        for neg in (None, every):
+            m.zero_grad()
+            _, loss = m(idx, tgt, cluster_ids=cid, return_logits=False, negatives=neg, **kw)
+            loss.backward()
+            runs.append((loss.detach(), m.last_nll, [p.grad.clone() for p in m.parameters()]))
+        assert abs(runs[0][0] - runs[1][0]) < 1e-5 and abs(runs[0][1] - runs[1][1]) < 1e-5
+        for a, b in zip(runs[0][2], runs[1][2]):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_draw_negatives_inclusion_probability():
+    from model import draw_negatives
+    q = torch.tensor([0.0, 0.5, 0.3, 0.2])
+    g = torch.Generator().manual_seed(0)
+    pages, log_incl = draw_negatives(q, 3, g)
+    assert torch.equal(pages, torch.unique(pages)) and 0 not in pages.tolist()
+    assert torch.allclose(log_incl[1:].exp(), 1 - (1 - q[1:]) ** 3)             # P(among 3 draws)
+    seen = torch.zeros(4)
+    for _ in range(4000):
+        seen[draw_negatives(q, 3, g)[0]] += 1
+    assert torch.allclose(seen[1:] / 4000, 1 - (1 - q[1:]) ** 3, atol=0.03)
 
 
 def brute_repeat(w, idx, b, i, V):
@@ -268,7 +308,7 @@ def test_repeat_term_learns_never_again_and_again():
 
 
 def test_warm_start_copies_one_set_into_every_set():
-    from model import expand_state
+    from runtime import expand_state
     one = tiny()
     many = tiny(n_clusters=3)
     many.load_state_dict(expand_state(one.state_dict(), many))
@@ -281,7 +321,7 @@ def test_warm_start_copies_one_set_into_every_set():
 
 
 def test_dtype_auto_picks_bf16_only_with_amx_or_avx512_bf16(monkeypatch):
-    import model as M
+    import runtime as M
     assert M.pick_dtype('float32', 'cpu')[0] == 'float32'
     monkeypatch.setattr(M, 'cpu_flags', lambda: {'avx512f', 'avx2'})
     assert M.pick_dtype('auto', 'cpu')[0] == 'float32'

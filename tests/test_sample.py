@@ -31,7 +31,7 @@ def test_parse_and_encode_history_keeps_last_session_open():
 
 
 def test_greedy_generation_is_argmax_and_stops_at_eos(ckpt_dir):
-    from model import load_checkpoint
+    from runtime import load_checkpoint
     model, _ = load_checkpoint(os.path.join(ckpt_dir, 'best.pt'))
     g = torch.Generator().manual_seed(0)
     ids = [BOS, 4]

@@ -94,7 +94,7 @@ def test_markov_generates_a_two_page_chain(tmp_path):
     assert probs[0].argmax() == a and probs[1].argmax() == b and probs[2].argmax() == EOS
     assert torch.allclose(probs.sum(1), torch.ones(3))
     users = np.arange(3)
-    gen = sessions.generate(lp, [[BOS]] * 3, users, 10, True, torch.Generator().manual_seed(0))
+    gen = sessions.generate(lp, [[BOS]] * 3, users, 10, torch.Generator().manual_seed(0), temperature=0.0)
     assert gen == [[a, b]] * 3
     res = sessions.evaluate_sessions(d, "test", {"markov": lp}, progress=lambda *_: None)
     r = res["markov"]
@@ -167,3 +167,54 @@ def test_a_history_with_no_page_to_score_goes_to_set_0():
     from cluster import pick_set
     nll = np.array([[math.nan, 2.0, 1.0], [math.nan, 0.5, 3.0]])   # (K, N): the first history has no page
     assert pick_set(nll).tolist() == [0, 1, 0]
+
+
+def tiny_gpt(K=1, scope="all", V=30, block=12):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block, vocab_size=V, n_layer=2, n_head=2, n_embd=16, n_clusters=K,
+                          cluster_scope=scope, repeat_bias=True, repeat_decay=True))
+    with torch.no_grad():   # a repeat term that matters, and per-set weights that differ
+        model.repeat_w.copy_(torch.randn(model.repeat_w.shape))
+        model.repeat_d[1] = 0.7
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return model.train()
+
+
+@pytest.mark.parametrize("K,scope", [(1, "all"), (3, "all"), (2, "blocks"), (3, "norms")])
+def test_cached_generation_scores_equal_the_uncached_ones(K, scope):
+    # model.KVCache through sessions.model_logp's decoder: contexts of several lengths (some fill the
+    # window within a few steps, so the uncached path takes over), rows dropping out, mixed sets
+    model, rng = tiny_gpt(K, scope), np.random.default_rng(1)
+    contexts = [[BOS] + rng.integers(4, 30, size=n).tolist() for n in (0, 3, 7, 9, 11, 5)]
+    rows = np.arange(len(contexts))
+    logp = sessions.model_logp(model, "cpu", rng.integers(0, K, size=len(contexts)))
+    cached = logp.decoder(contexts, rows)
+    seqs, active = [list(c) for c in contexts], list(rows)
+    for step in range(8):
+        want = logp([seqs[i] for i in active], rows[active])[:, -1]          # the whole window again
+        got = cached()
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        fin = torch.isfinite(want)
+        assert torch.allclose(got[fin], want[fin], atol=1e-5), (step, (got[fin] - want[fin]).abs().max())
+        keep = [j for j in range(len(active)) if not (step in (2, 5) and j == 1)]   # a row ends its session
+        new = rng.integers(4, 30, size=len(keep)).tolist()
+        for j, t in zip(keep, new):
+            seqs[active[j]].append(t)
+        active = [active[j] for j in keep]
+        cached.advance(keep, new)
+    assert model.training                                                      # the mode is restored
+
+
+def test_cached_greedy_generation_equals_the_uncached_loop():
+    model = tiny_gpt(2, "all")
+    clusters = np.array([0, 1, 1, 0])
+    logp = sessions.model_logp(model, "cpu", clusters)
+    plain = lambda contexts, rows=None, n_last=1: logp(contexts, rows, n_last)   # no decoder: no cache
+    plain.rows_per_pass, plain.block = logp.rows_per_pass, logp.block
+    contexts = [[BOS, 5, 6], [BOS, 7], [BOS] + list(range(4, 14)), [BOS, 9, 9, 9]]
+    g = torch.Generator().manual_seed(0)
+    a = sessions.generate(logp, contexts, np.arange(4), 15, g, temperature=0.0)
+    b = sessions.generate(plain, contexts, np.arange(4), 15, g, temperature=0.0)
+    assert a == b and max(len(x) for x in a) > 0

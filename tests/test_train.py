@@ -38,6 +38,23 @@ def test_short_run_beats_most_popular(small_data, tmp_path):
     assert os.path.isfile(tmp_path / 'stage1' / 'results.json')
 
 
+def test_sampled_softmax_trains_and_resumes_like_the_straight_run(small_data, tmp_path, capsys):
+    # a few hundred pages, 64 draws per step: training learns (beats most-popular on full ranking),
+    # the log says the NLL is the sampled one, and a resume draws the same pages as the straight run
+    straight, parts = tmp_path / 'straight', tmp_path / 'parts'
+    run = dict(sampled_softmax=64, lr_decay_iters=60, eval_interval=20)
+    results = train.train(config(small_data, straight, max_iters=60, **run))
+    assert '(sampled softmax)' in capsys.readouterr().out
+    test = results['test']
+    assert test['gpt (best.pt)']['ndcg@10'] > test['most-popular']['ndcg@10']
+    train.train(config(small_data, parts, max_iters=40, **run))
+    train.train(config(small_data, parts, max_iters=60, init_from='resume', **run))
+    a = torch.load(straight / 'stage1' / 'ckpt.pt', weights_only=True)
+    b = torch.load(parts / 'stage1' / 'ckpt.pt', weights_only=True)
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_loads_weights_only_and_resume_continues_the_run(small_data, tmp_path):
     straight, parts = tmp_path / 'straight', tmp_path / 'parts'
     run = dict(lr_decay_iters=30)  # the same schedule, whether the run stops at 20 or not
