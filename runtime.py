@@ -37,7 +37,7 @@ from tqdm import tqdm
 from configurator import ConfigError
 from files import atomic_output
 from model import GPT, GPTConfig, check_gpt_config
-from tokenizer import SPECIALS
+from tokenizer import N_SPECIAL, SPECIALS
 from data import BUILTIN_DIR, ensure_builtin, load_data
 
 
@@ -383,7 +383,7 @@ class Machinery:
             if self.ddp:
                 torch.distributed.barrier()
         data = load_data(cfg['data_dir'])
-        if data.vocab_size <= 4:
+        if data.vocab_size <= N_SPECIAL:
             raise ConfigError(f"{cfg['data_dir']}: its vocabulary holds no page (only the special tokens); "
                               "prepare it again from a log with events")
         if not (np.asarray(data.val_pos) >= 0).any():
