@@ -465,8 +465,8 @@ class GPT(nn.Module):
         return_logits=False (training): the loss is computed in row chunks (ChunkedCrossEntropy)
         and the (N, V) logits are never materialized; logits is then None, and self.last_nll
         holds the batch's plain (unweighted) NLL, for logging beside a weighted loss.
-        negatives (training, big catalogues): (pages (m,), log_incl (V,)) a sampled softmax instead
-        of the full one (_sampled_loss); last_nll is then the sampled loss."""
+        negatives (training, big catalogues): (pages (m,), offsets (m,)) from draw_negatives, a sampled
+        softmax instead of the full one (_sampled_loss); last_nll is then the sampled loss."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
             return self.add_repeat(self.head(h, cluster_ids), idx, None), None   # (B, T, V)
@@ -516,13 +516,14 @@ class GPT(nn.Module):
         self.last_nll = nll / t.numel()
         return total / denom
 
-    def _sampled_loss(self, h, t, cid, class_weight, logit_bias, rep, pages, log_incl):
-        """A sampled softmax (Jean et al., 2015; SASRec with shared negatives: Klenitskiy & Vasilev,
-        2023): each row's target against the same sampled pages (drawn for the whole batch; a page
-        equal to the row's target is left out), every logit less the log of its page's chance of
-        being among them (log_incl: the correction that makes the sampled softmax estimate the full
-        one). Its cost grows with the sample, not the catalogue; evaluation still ranks every page.
-        pages (m,) distinct; log_incl (V,). The same weighted mean as _chunked_loss."""
+    def _sampled_loss(self, h, t, cid, class_weight, logit_bias, rep, pages, offsets):
+        """A sampled softmax (Bengio & Senecal, 2008; Jean et al., 2015; SASRec with shared negatives:
+        Klenitskiy & Vasilev, 2023): each row's target against the same pages drawn for the whole
+        batch (draw_negatives; a draw equal to the row's target is left out), the sum of exp over
+        the other pages estimated by importance weights (offsets: log(times drawn / expected
+        draws)). Its cost grows with the sample, not the catalogue; evaluation still ranks every
+        page. pages, offsets (m,): padding columns have offset -inf. The same weighted mean as
+        _chunked_loss; with every page once and offsets 0 it is the full softmax."""
         w = torch.ones_like(t, dtype=torch.float32) if class_weight is None else class_weight[t].float()
         denom = w.sum()
         if t.numel() == 0 or not denom > 0:
@@ -534,8 +535,8 @@ class GPT(nn.Module):
         for rows, k in split:                                       # scope 'all': each set's own head
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
             W = self.lm_head.weight if k is None else self.lm_head.weight[k]
-            zt = (hk * W[tk].to(hk.dtype)).sum(-1).float() - log_incl[tk]            # (n,) the targets
-            zn = (hk @ W[pages].to(hk.dtype).t()).float() - log_incl[pages]          # (n, m) the sample
+            zt = (hk * W[tk].to(hk.dtype)).sum(-1).float()                            # (n,) the targets
+            zn = (hk @ W[pages].to(hk.dtype).t()).float() + offsets                   # (n, m) the draws
             if logit_bias is not None:
                 zt, zn = zt + logit_bias[tk], zn + logit_bias[pages]
             if self.page_bias is not None:                          # 'norms': each row's cluster bias
@@ -596,11 +597,15 @@ def sampling_weights(p, power=0.75):
 
 
 def draw_negatives(q, m, generator=None):
-    """A sampled softmax's pages for one step: m draws from q (V,) (with replacement), kept once each;
-    log_incl (V,) is log P(a page is among them) = log(1 - (1 - q)^m). Returns (pages, log_incl)."""
-    pages = torch.unique(torch.multinomial(q, m, replacement=True, generator=generator))
-    log_incl = torch.log(-torch.expm1(m * torch.log1p(-q.clamp(max=1 - 1e-7))))
-    return pages, log_incl
+    """A sampled softmax's pages for one step: m draws from q (V,) with replacement, each page once,
+    with its importance weight as a log, log(times drawn) - log(m * q[page]) (so that the sum over
+    columns of exp(offset) * x[page] estimates the sum of x over every page), padded to m columns
+    of offset -inf (one shape every step: oneDNN builds a kernel per shape). Returns (pages, offsets)."""
+    pages, counts = torch.unique(torch.multinomial(q, m, replacement=True, generator=generator), return_counts=True)
+    offsets = counts.float().log() - torch.log(m * q[pages])
+    pad = m - len(pages)
+    return (torch.cat([pages, pages.new_full((pad,), PAD)]),
+            torch.cat([offsets, offsets.new_full((pad,), -math.inf)]))
 
 
 class KVCache:

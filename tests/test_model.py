@@ -158,7 +158,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat
 
 @pytest.mark.parametrize("K,scope,repeat", [(1, 'all', True), (3, 'all', True), (3, 'norms', True), (2, 'blocks', False)])
 def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat):
-    # with every page in the sample and no correction (log_incl 0), the sampled loss is the full
+    # with every page in the sample once and no correction (offsets 0), the sampled loss is the full
     # cross-entropy: same loss and gradients, weights, stage 2's logit bias, page biases and the
     # repeat term included
     m = tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat).train()
@@ -183,17 +183,18 @@ def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat):
             assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_draw_negatives_inclusion_probability():
+def test_draw_negatives_importance_weights():
+    # each page once, padded to m columns; sum over columns of exp(offset) * x[page] estimates sum(x)
     from model import draw_negatives
     q = torch.tensor([0.0, 0.5, 0.3, 0.2])
     g = torch.Generator().manual_seed(0)
-    pages, log_incl = draw_negatives(q, 3, g)
-    assert torch.equal(pages, torch.unique(pages)) and 0 not in pages.tolist()
-    assert torch.allclose(log_incl[1:].exp(), 1 - (1 - q[1:]) ** 3)             # P(among 3 draws)
-    seen = torch.zeros(4)
-    for _ in range(4000):
-        seen[draw_negatives(q, 3, g)[0]] += 1
-    assert torch.allclose(seen[1:] / 4000, 1 - (1 - q[1:]) ** 3, atol=0.03)
+    pages, offsets = draw_negatives(q, 3, g)
+    real = torch.isfinite(offsets)
+    assert len(pages) == 3 and torch.equal(pages[real], torch.unique(pages[real])) and 0 not in pages[real].tolist()
+    assert (pages[~real] == 0).all()
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    est = [float((offsets.exp() * x[pages]).sum()) for pages, offsets in (draw_negatives(q, 3, g) for _ in range(4000))]
+    assert abs(sum(est) / len(est) - 6.0) < 0.1                      # unbiased: 1 + 2 + 3
 
 
 def brute_repeat(w, idx, b, i, V):
