@@ -16,8 +16,8 @@ Differences from nanoGPT, all small:
   the gradients (ChunkedCrossEntropy), so no (N, V) logits exist even for 200,000 pages.
 - HeTLM's cluster-specific parameter sets: every weight of a chosen scope is stacked n_clusters
   times and `cluster_ids` (one per batch row) picks the set; n_clusters = 1 is exactly this plain
-  GPT. matched_single_config sizes the equal-parameter single model, expand_state warm-starts the
-  sets from a one-set checkpoint.
+  GPT. hetlm.matched_single_config sizes the equal-parameter single model, runtime.expand_state
+  warm-starts the sets from a one-set checkpoint.
 
 Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (predictions).
 """
@@ -606,75 +606,6 @@ def draw_negatives(q, m, generator=None):
     pad = m - len(pages)
     return (torch.cat([pages, pages.new_full((pad,), PAD)]),
             torch.cat([offsets, offsets.new_full((pad,), -math.inf)]))
-
-
-class KVCache:
-    """Generation with a key/value cache (sessions.generate, sample.py): the contexts run once, then
-    each step adds one position per row instead of running the whole window again.
-    idx (B, T) contexts right-padded with PAD, lengths (B,) their real tokens (T <= block_size);
-    cluster_ids (B,) each row's parameter set: one set for the whole batch, or any mix with
-    cluster_scope 'norms' (sessions.CachedLogp splits other mixes). Row b's generated tokens take positions
-    lengths[b], lengths[b] + 1, ...; each row attends only its own real keys. A row whose window
-    is full (its next position would pass block_size) is scored by next_logits on its last
-    block_size tokens, as without a cache: the scores are next_logits' either way (to rounding)."""
-
-    def __init__(self, model, idx, lengths, cluster_ids=None):
-        self.model, self.block = model, model.config.block_size
-        dev = idx.device
-        self.ids, self.len = idx, torch.as_tensor(lengths, dtype=torch.long, device=dev)
-        self.cid = None if cluster_ids is None else torch.as_tensor(cluster_ids, dtype=torch.long, device=dev)
-        self.k = 0 if self.cid is None else (self.cid if len(torch.unique(self.cid)) > 1 else int(self.cid[0]))
-        self.valid = torch.arange(idx.size(1), device=dev)[None, :] < self.len[:, None]   # (B, S) keys seen
-        self.caches = [{} for _ in model.transformer.h]
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            h = model._trunk(idx, self.k, caches=self.caches)                        # (B, T, C)
-        model.train(was)
-        self.h_last = h[torch.arange(len(idx), device=dev), self.len - 1]          # (B, C)
-
-    @torch.no_grad()
-    def logits(self):
-        """(B, V) float scores of each row's next token, the repeat term included."""
-        model = self.model
-        z = model.head(self.h_last[:, None], self.cid).float()                     # (B, 1, V)
-        rep = model.repeat_terms(self.ids, (self.len - 1)[:, None])
-        if rep is not None:
-            z.scatter_add_(-1, rep[0], rep[1].float())
-        z = z[:, 0]
-        over = (self.len > self.block).nonzero().flatten()                         # full windows: uncached
-        if len(over):
-            cols = self.len[over, None] - self.block + torch.arange(self.block, device=z.device)[None, :]
-            win = self.ids[over[:, None], cols]                                    # (n, block) the last tokens
-            at = torch.full((len(over), 1), self.block - 1, dtype=torch.long, device=z.device)
-            z[over] = model.next_logits(win, at, None if self.cid is None else self.cid[over])[:, 0]
-        return z
-
-    @torch.no_grad()
-    def advance(self, keep, tokens):
-        """Rows `keep` (indices of the current rows, in order) go on with their next tokens."""
-        keep = torch.as_tensor(keep, dtype=torch.long, device=self.ids.device)
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.ids.device)
-        self.ids, self.len, self.valid = self.ids[keep], self.len[keep], self.valid[keep]
-        if self.cid is not None:
-            self.cid = self.cid[keep]
-            self.k = self.cid if torch.is_tensor(self.k) else self.k
-        for c in self.caches:
-            c['k'], c['v'] = c['k'][keep], c['v'][keep]
-        B = len(keep)
-        if int(self.len.max()) >= self.ids.size(1):                                # room for one more token
-            self.ids = torch.cat([self.ids, self.ids.new_full((B, 16), PAD)], dim=1)
-        rows = torch.arange(B, device=self.ids.device)
-        self.ids[rows, self.len] = tokens
-        pos = self.len.clamp(max=self.block - 1)     # full windows' positions are not used (logits)
-        self.len = self.len + 1
-        self.valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
-        for c in self.caches:
-            c['mask'] = self.valid[:, None, None, :]
-        was = self.model.training
-        self.model.eval()
-        self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
-        self.model.train(was)
 
 
 def check_gpt_config(config):

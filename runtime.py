@@ -160,7 +160,8 @@ def faster_dtype(model, cfg, batches, weight, logit_bias, draw=None):
 
     ratios, secs, t0 = [], {'float32': [], 'bfloat16': []}, time.perf_counter()
     for i, (x, y, cid) in enumerate(batches):
-        rows = max(1, TIMING_LOGITS // (model.config.vocab_size * max(1, x.size(1))))   # bounded work
+        cols = min(model.config.vocab_size, cfg.get('sampled_softmax') or model.config.vocab_size)   # logits per row
+        rows = max(1, TIMING_LOGITS // (cols * max(1, x.size(1))))                         # bounded work
         x, y, cid = x[:rows], y[:rows], None if cid is None else cid[:rows]
         order = ('float32', 'bfloat16') if i % 2 == 0 else ('bfloat16', 'float32')
         for name in order:

@@ -34,7 +34,6 @@ import torch
 from configurator import Progress
 from data import DataError, pick_users
 from baselines import bigram_logp, popularity
-from model import KVCache
 from tokenizer import BOS, EOS, PAD, UNK
 
 MAX_LEN = 100            # generated pages per session at most (also capped by the training sessions' p99)
@@ -167,9 +166,83 @@ def model_logp(model, device, clusters=None):
     return logp
 
 
+class KVCache:
+    """Generation with a key/value cache (sessions.generate, sample.py): the contexts run once, then
+    each step adds one position per row instead of running the whole window again.
+    idx (B, T) contexts right-padded with PAD, lengths (B,) their real tokens (T <= block_size);
+    cluster_ids (B,) each row's parameter set: one set for the whole batch, or any mix with
+    cluster_scope 'norms' (sessions.CachedLogp splits other mixes). Row b's generated tokens take positions
+    lengths[b], lengths[b] + 1, ...; each row attends only its own real keys. A row whose window
+    is full (its next position would pass block_size) is scored by next_logits on its last
+    block_size tokens, as without a cache: the scores are next_logits' either way (to rounding)."""
+
+    def __init__(self, model, idx, lengths, cluster_ids=None):
+        self.model, self.block = model, model.config.block_size
+        dev = idx.device
+        self.ids, self.len = idx, torch.as_tensor(lengths, dtype=torch.long, device=dev)
+        self.cid = None if cluster_ids is None else torch.as_tensor(cluster_ids, dtype=torch.long, device=dev)
+        mixed = self.cid is not None and len(torch.unique(self.cid)) > 1
+        if mixed and model.config.cluster_scope != 'norms':
+            raise ValueError("KVCache: one parameter set per cache unless cluster_scope is 'norms' (CachedLogp splits)")
+        self.k = self.cid if mixed else (0 if self.cid is None else int(self.cid[0]))
+        self.valid = torch.arange(idx.size(1), device=dev)[None, :] < self.len[:, None]   # (B, S) keys seen
+        self.caches = [{} for _ in model.transformer.h]
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            h = model._trunk(idx, self.k, caches=self.caches)                        # (B, T, C)
+        model.train(was)
+        self.h_last = h[torch.arange(len(idx), device=dev), self.len - 1]          # (B, C)
+
+    @torch.no_grad()
+    def logits(self):
+        """(B, V) float scores of each row's next token, the repeat term included."""
+        model = self.model
+        z = model.head(self.h_last[:, None], self.cid).float()                     # (B, 1, V)
+        rep = model.repeat_terms(self.ids[:, :self.block], (self.len - 1).clamp(max=self.block - 1)[:, None])
+        # (rows whose window is full are scored below, uncached; the others' tokens are all in the
+        # first block_size columns)
+        if rep is not None:
+            z.scatter_add_(-1, rep[0], rep[1].float())
+        z = z[:, 0]
+        over = (self.len > self.block).nonzero().flatten()                         # full windows: uncached
+        if len(over):
+            cols = self.len[over, None] - self.block + torch.arange(self.block, device=z.device)[None, :]
+            win = self.ids[over[:, None], cols]                                    # (n, block) the last tokens
+            at = torch.full((len(over), 1), self.block - 1, dtype=torch.long, device=z.device)
+            z[over] = model.next_logits(win, at, None if self.cid is None else self.cid[over])[:, 0]
+        return z
+
+    @torch.no_grad()
+    def advance(self, keep, tokens):
+        """Rows `keep` (indices of the current rows, in order) go on with their next tokens."""
+        keep = torch.as_tensor(keep, dtype=torch.long, device=self.ids.device)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.ids.device)
+        self.ids, self.len, self.valid = self.ids[keep], self.len[keep], self.valid[keep]
+        if self.cid is not None:
+            self.cid = self.cid[keep]
+            self.k = self.cid if torch.is_tensor(self.k) else self.k
+        for c in self.caches:
+            c['k'], c['v'] = c['k'][keep], c['v'][keep]
+        B = len(keep)
+        if int(self.len.max()) >= self.ids.size(1):                                # room for one more token
+            self.ids = torch.cat([self.ids, self.ids.new_full((B, 16), PAD)], dim=1)
+        rows = torch.arange(B, device=self.ids.device)
+        self.ids[rows, self.len] = tokens
+        pos = self.len.clamp(max=self.block - 1)     # full windows' positions are not used (logits)
+        self.len = self.len + 1
+        self.valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
+        for c in self.caches:
+            c['mask'] = self.valid[:, None, None, :]
+        was = self.model.training
+        self.model.eval()
+        self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
+        self.model.train(was)
+
+
 class CachedLogp:
     """model_logp's next-token log-probabilities for generation, from key/value caches
-    (model.KVCache): one per parameter set among the rows (one for all rows where the sets share
+    (KVCache, above): one per parameter set among the rows (one for all rows where the sets share
     every weight but the norms). Call it for (B, V); advance(keep, tokens) adds a token per row kept."""
 
     def __init__(self, model, contexts, device, masked, cids=None):

@@ -324,7 +324,7 @@ class Run(Machinery):
                 self.logit_bias = bias.to(self.dev)
         if self.weight is not None:
             self.weight = self.weight.to(self.dev)
-        self.neg_q = None if cfg['sampled_softmax'] == 0 else sampling_weights(popularity(data, eos=True)).to(self.dev)
+        self.neg_q = None if cfg['sampled_softmax'] == 0 else sampling_weights(popularity(data, eos=True))   # (CPU)
         self.groups = window_clusters(data, self.windows, self.user_clusters)
         # scope 'all' (K independent models): one parameter set per batch, as fast as a single model;
         # scopes with shared weights mix clusters in a batch, so shared weights see every cluster each step
@@ -359,8 +359,11 @@ class Run(Machinery):
         return get_lr(it, self.cfg, cool)
 
     def negatives(self):
-        """A sampled softmax's pages for one micro-batch (None: the full softmax)."""
-        return None if self.neg_q is None else draw_negatives(self.neg_q, self.cfg['sampled_softmax'])
+        """A sampled softmax's pages for one micro-batch (None: the full softmax), drawn with the CPU's
+        random stream (the one checkpoints keep), then moved to the device."""
+        if self.neg_q is None:
+            return None
+        return tuple(a.to(self.dev) for a in draw_negatives(self.neg_q, self.cfg['sampled_softmax']))
 
     def step(self):
         """One optimizer step over gradient_accumulation_steps micro-batches; returns its learning rate."""
@@ -407,7 +410,7 @@ class Run(Machinery):
                                          'lr': lr, 'train_nll': self.nll_acc.item() / n,
                                          'tokens_per_s': self.tokens_seen * self.world / dt})
             tqdm.write(f"iter {self.iter_num}/{cfg['max_iters']}: train nll {self.nll_acc.item() / n:.4f}"
-                       + (" (sampled softmax)" if self.neg_q is not None else "")
+                       + (" (sampled softmax)" if self.neg_q is not None and not self.cfg['kl_weight'] > 0 else "")
                        + (f" (weighted loss {self.loss_acc.item() / n:.4f})" if self.weight is not None else "")
                        + f", lr {lr:.2e}, {self.tokens_seen * self.world / dt:,.0f} target tokens/s, "
                        f"{fmt_time(self.elapsed())} elapsed, ~{fmt_time(left)} left")

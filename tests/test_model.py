@@ -170,7 +170,8 @@ def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat):
     tgt = torch.randint(4, 30, (4, 16))
     tgt[1, 9:] = -1
     cid = torch.tensor([0, 1, 2, 1]) % K
-    every = (torch.arange(300), torch.zeros(300))
+    every = (torch.cat([torch.arange(300), torch.zeros(5, dtype=torch.long)]),   # + padding columns
+             torch.cat([torch.zeros(300), torch.full((5,), -float('inf'))]))
     for kw in ({}, dict(class_weight=torch.rand(300), logit_bias=0.1 * torch.randn(300))):
         runs = []
         for neg in (None, every):

@@ -184,7 +184,7 @@ def tiny_gpt(K=1, scope="all", V=30, block=12):
 
 @pytest.mark.parametrize("K,scope", [(1, "all"), (3, "all"), (2, "blocks"), (3, "norms")])
 def test_cached_generation_scores_equal_the_uncached_ones(K, scope):
-    # model.KVCache through sessions.model_logp's decoder: contexts of several lengths (some fill the
+    # sessions.KVCache through sessions.model_logp's decoder: contexts of several lengths (some fill the
     # window within a few steps, so the uncached path takes over), rows dropping out, mixed sets
     model, rng = tiny_gpt(K, scope), np.random.default_rng(1)
     contexts = [[BOS] + rng.integers(4, 30, size=n).tolist() for n in (0, 3, 7, 9, 11, 5)]
