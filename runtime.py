@@ -87,6 +87,18 @@ class CpuShare:
             self.set(self.cores, 'one per core')
             self.look(wait=0.25)            # a first look, before the run starts timing anything
 
+    process = None     # the one share of a process that follows the machine (for_process)
+
+    @classmethod
+    def for_process(cls, threads=0):
+        """A run's share. One per process where it follows the load, so the runs of a search (or of
+        hetlm.py) take turns on it instead of each paying the first look's wait again."""
+        if threads > 0 or 'OMP_NUM_THREADS' in os.environ:
+            return cls(threads)
+        if cls.process is None:
+            cls.process = cls(threads)
+        return cls.process
+
     def set(self, n, why):
         if n != torch.get_num_threads():
             torch.set_num_threads(n)

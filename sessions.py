@@ -197,14 +197,16 @@ class KVCache:
     @torch.no_grad()
     def logits(self):
         """(B, V) float scores of each row's next token, the repeat term included."""
-        model = self.model
-        z = model.head(self.h_last[:, None], self.cid).float()                     # (B, 1, V)
-        rep = model.repeat_terms(self.ids[:, :self.block], (self.len - 1).clamp(max=self.block - 1)[:, None])
-        # (rows whose window is full are scored below, uncached; the others' tokens are all in the
-        # first block_size columns)
-        if rep is not None:
-            z.scatter_add_(-1, rep[0], rep[1].float())
-        z = z[:, 0]
+        model, dev = self.model, self.ids.device
+        z = torch.empty(len(self.ids), model.config.vocab_size, device=dev)
+        live = (self.len <= self.block).nonzero().flatten()                        # all their tokens cached
+        if len(live):
+            cid = None if self.cid is None else self.cid[live]
+            zl = model.head(self.h_last[live, None], cid).float()                  # (n, 1, V)
+            rep = model.repeat_terms(self.ids[live, :self.block], (self.len[live] - 1)[:, None])
+            if rep is not None:
+                zl.scatter_add_(-1, rep[0], rep[1].float())
+            z[live] = zl[:, 0]
         over = (self.len > self.block).nonzero().flatten()                         # full windows: uncached
         if len(over):
             cols = self.len[over, None] - self.block + torch.arange(self.block, device=z.device)[None, :]

@@ -213,7 +213,7 @@ class Run(Machinery):
         self.cfg = cfg = dict(cfg)
         self.ddp, self.rank, self.world, self.dev = setup_distributed(cfg)
         cpu = self.dev == 'cpu' and not self.ddp    # (under DDP the processes split the cores)
-        self.share = CpuShare(cfg['threads']) if cpu else None
+        self.share = CpuShare.for_process(cfg['threads']) if cpu else None
         self.master = self.rank == 0
         self.talk = self.master and verbose   # the set-up's printout (search.py's candidates skip it)
         self.device_type = 'cuda' if self.dev.startswith('cuda') else ('mps' if self.dev.startswith('mps') else 'cpu')
