@@ -121,6 +121,24 @@ def bigram_logp(data, beta=1.0, eos=False):
         return dense.log()[torch.from_numpy(inv.reshape(-1))]            # (B, V)
     return logp
 
+def transition_table(data, width):
+    """The model's transition term (model.GPT.transition_terms) from the counts Markov uses, with
+    <eos> among the targets as in training: for each token a, its `width` most frequent successors
+    (ties: lower id first) and their training counts. Returns nxt (V, width) int32, count (V, width)
+    float32 (0 past a token's last successor) and p_pop (V,) float32 (popularity, eos=True)."""
+    V = data.vocab_size
+    prev, nxt = train_transitions(data, eos=True)
+    codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
+    rows, cols = codes // V, codes % V
+    order = np.lexsort((cols, -counts, rows))                            # each row most frequent first
+    rows, cols, counts = rows[order], cols[order], counts[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)            # place inside its row
+    keep = rank < width
+    table, count = np.zeros((V, width), np.int32), np.zeros((V, width), np.float32)
+    table[rows[keep], rank[keep]] = cols[keep]
+    count[rows[keep], rank[keep]] = counts[keep]
+    return table, count, popularity(data, nxt, eos=True).astype(np.float32)
+
 def markov_scorer(data, beta=1.0):
     """The next page after each context's last token (bigram_logp over pages)."""
     logp, tokens = bigram_logp(data, beta), data.tokens

@@ -270,7 +270,7 @@ def control_models(cfg, data, best_k, shared, current, rounds):
             block_size=cfg['block_size'], vocab_size=data.vocab_size, n_layer=cfg['n_layer'], n_head=cfg['n_head'],
             n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'], n_clusters=best_k,
             cluster_scope=cfg['cluster_scope'], repeat_bias=cfg['repeat_bias'],
-            repeat_decay=cfg['repeat_decay']))
+            repeat_decay=cfg['repeat_decay'], transitions=cfg['transitions']))
         rand = np.random.default_rng(cfg['seed']).integers(0, best_k, data.n_users)
         models[f'random split, K={best_k}'] = (cluster_round(cfg, f'random{best_k}', rand, shared, best_k), base + step)
         iters = base + step * (1 + n_rounds)

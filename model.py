@@ -53,6 +53,9 @@ class GPTConfig:
                               # the age of their latest visit (GPT.repeat_terms); False in older checkpoints
     repeat_decay: bool = False  # and a learned weight on log(sum of gamma^age over all their visits),
                                 # gamma learned too (the recency baseline's own form); needs repeat_bias
+    transitions: int = 0      # the transition term: the pages that followed the last token in the training
+                              # data (up to this many per token) get a learned logit bias by their count
+                              # (GPT.transition_terms; the table from set_transitions); 0 = none
 
 
 class SetLinear(nn.Module):
@@ -186,7 +189,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     Under autocast the matmuls run in the autocast dtype with fp32 softmax and accumulation.
     bias: None, (V,) for every row, or (K, V) with bias_rows (N,) choosing each row's bias (a
     shared head with per-cluster page biases: one pass, one gradient buffer, whatever the mix).
-    rep_pages, rep_vals (N, T): a sparse term added to each row's logits (GPT.repeat_terms; the
+    rep_pages, rep_vals (N, *): a sparse term added to each row's logits (GPT.sparse_terms; the
     values are differentiable, their gradient is the logits' gradient gathered at the pages).
     Returns (weighted sum, per-row losses); only the sum is differentiable."""
 
@@ -268,6 +271,7 @@ REPEAT_LR_SCALE = 10  # the repeat weights' learning rate, times the run's: a ha
 
 
 AGE_EDGES = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)   # a bucket holds the ages up to its edge
+MAX_TRANSITIONS = 1024  # successors kept per token by the transition term, at most (a (V, width) table)
 
 
 def age_bucket(age):
@@ -309,6 +313,15 @@ class GPT(nn.Module):
         # [logit of gamma, weight]: gamma starts at 0.8, the weight at 0 (the term starts off)
         self.repeat_d = (nn.Parameter(torch.tensor([math.log(0.8 / 0.2), 0.0]))
                          if config.repeat_bias and config.repeat_decay else None)
+        # the transition term (transition_terms): [weight of the lift, log beta, one offset per count
+        # bucket], all 0 at the start (the term starts off); the table is data, not learned: buffers
+        # filled by set_transitions and kept in the checkpoint, so a model scores without its data
+        self.trans_w = nn.Parameter(torch.zeros(REPEAT_BUCKETS + 2)) if config.transitions else None
+        if config.transitions:
+            V, S = config.vocab_size, config.transitions
+            self.register_buffer('trans_next', torch.zeros(V, S, dtype=torch.int32))  # successors, most frequent first
+            self.register_buffer('trans_count', torch.zeros(V, S))                    # their training counts (0: none)
+            self.register_buffer('trans_logpop', torch.zeros(V))                      # log p_pop of each page
         # weight tying: a page's input embedding is its output embedding, so a page seen only in
         # contexts still gets a useful output vector (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
@@ -425,9 +438,50 @@ class GPT(nn.Module):
         pages = torch.where(live, idx[:, None, :], 0)
         return pages, torch.where(live, vals, 0.0)
 
-    def add_repeat(self, z, idx, at):
-        """z (B, n, V) logits at positions at (B, n) of idx (B, T) -> z with the repeat term added."""
-        rep = self.repeat_terms(idx, at)
+    @torch.no_grad()
+    def set_transitions(self, nxt, count, p_pop):
+        """The transition term's table, from the training data (baselines.transition_table): nxt,
+        count (V, width) each token's most frequent successors and their counts (0 past its last),
+        p_pop (V,) each page's popularity (0 for specials that are never a target)."""
+        self.trans_next.copy_(torch.as_tensor(nxt))
+        self.trans_count.copy_(torch.as_tensor(count))
+        self.trans_logpop.copy_(torch.as_tensor(p_pop).clamp(min=1e-12).log())
+
+    def transition_terms(self, idx, at=None, targets=None):
+        """The transition term, a learned first-order Markov chain added to the logits: each page b
+        that followed the scored position's token a in the training data, c(a, b) times, gets
+        trans_w[0] * log(1 + c / (beta p_pop(b))) + trans_w[2 + bucket of c], beta = exp(trans_w[1]).
+        With weight 1 and logits log p_pop elsewhere that is the Markov baseline's own ranking
+        ((c + beta p_pop) / (c(a) + beta), up to a constant per row); a page has ~10 training events
+        in a big shop's catalogue, too few for its embedding to learn whom it follows, and the
+        table holds them all. targets (B, T): training targets, which the table counts: each one's
+        own event is left out (leave-one-out), else the model learns to trust counts of 1 that
+        unseen data never has. idx, at as repeat_terms. Returns (pages, values), both (B, n,
+        width), or None."""
+        if self.trans_w is None:
+            return None
+        a = idx if at is None else idx.gather(1, at)                               # (B, n) the last tokens
+        pages = self.trans_next[a].long()                                          # (B, n, S)
+        c = self.trans_count[a]
+        if targets is not None:
+            c = c - (pages == targets[:, :, None]).float()
+        w = self.trans_w
+        lift = F.softplus(c.clamp(min=1.0).log() - w[1] - self.trans_logpop[pages])  # log(1 + c / (beta p))
+        seen = c > 0
+        vals = w[0] * lift + w[2:][age_bucket(c.clamp(min=1.0).long())]
+        return torch.where(seen, pages, 0), torch.where(seen, vals, 0.0)
+
+    def sparse_terms(self, idx, at=None, targets=None):
+        """The repeat and transition terms together, (pages, values) (B, n, *): add with
+        logits.scatter_add(-1, pages, values) (a page may appear in both). None if neither."""
+        terms = [t for t in (self.repeat_terms(idx, at), self.transition_terms(idx, at, targets)) if t is not None]
+        if len(terms) < 2:
+            return terms[0] if terms else None
+        return torch.cat([terms[0][0], terms[1][0]], -1), torch.cat([terms[0][1], terms[1][1]], -1)
+
+    def add_sparse(self, z, idx, at):
+        """z (B, n, V) logits at positions at (B, n) of idx (B, T) -> z with the sparse terms added."""
+        rep = self.sparse_terms(idx, at)
         return z if rep is None else z.scatter_add(-1, rep[0], rep[1].to(z.dtype))
 
     @torch.no_grad()
@@ -435,7 +489,7 @@ class GPT(nn.Module):
         """Scores of the next page, the one "contexts -> logits" of every reader (evaluation, the
         session task, sample.py, predict.py, HeTLM's set choice; generation adds a cache: KVCache): idx (B, T) contexts right-padded
         with PAD (causal attention: a real position never sees the pads), at (B, n) the positions
-        whose next token is scored. Returns float logits (B, n, V), the repeat term included, with
+        whose next token is scored. Returns float logits (B, n, V), the repeat and transition terms included, with
         dropout off. rows: contexts per pass of the trunk (bounds the (rows, T, 4C) activations);
         the head then runs once on all the gathered positions."""
         was_training = self.training
@@ -449,9 +503,9 @@ class GPT(nn.Module):
             cid = None if cluster_ids is None else cluster_ids[s:s + rows]
             h = self.hidden_states(idx[s:s + rows], cid)                              # (rows, T, C)
             h_at.append(h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])   # (rows, n, C)
-            reps.append(self.repeat_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, T) or None
+            reps.append(self.sparse_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, *) or None
         z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
-        if reps[0] is not None:                                                      # the pages already seen
+        if reps[0] is not None:                                                      # the pages already seen or likely next
             z.scatter_add_(-1, torch.cat([p for p, _ in reps]), torch.cat([v for _, v in reps]).float())
         self.train(was_training)
         return z
@@ -469,13 +523,13 @@ class GPT(nn.Module):
         softmax instead of the full one (_sampled_loss); last_nll is then the sampled loss."""
         h = self.hidden_states(idx, cluster_ids)           # (B, T, C)
         if targets is None:
-            return self.add_repeat(self.head(h, cluster_ids), idx, None), None   # (B, T, V)
+            return self.add_sparse(self.head(h, cluster_ids), idx, None), None   # (B, T, V)
         keep = targets != -1                                # (B, T) real targets only
         rows = keep.nonzero(as_tuple=True)[0]
         cid = None if cluster_ids is None else cluster_ids[rows]
         t = targets[keep]
-        rep = self.repeat_terms(idx)
-        rep = None if rep is None else (rep[0][keep], rep[1][keep])                # (N, T)
+        rep = self.sparse_terms(idx, None, targets)
+        rep = None if rep is None else (rep[0][keep], rep[1][keep])                # (N, *)
         if not return_logits and negatives is not None:
             return None, self._sampled_loss(h[keep], t, cid, class_weight, logit_bias, rep, *negatives)
         if not return_logits:
@@ -542,7 +596,7 @@ class GPT(nn.Module):
             if self.page_bias is not None:                          # 'norms': each row's cluster bias
                 c = torch.as_tensor(cid, dtype=torch.long, device=h.device)
                 zt, zn = zt + self.page_bias[c, tk], zn + self.page_bias[c[:, None], pages[None, :]]
-            if rep is not None:                                     # the repeat term at the sampled pages
+            if rep is not None:                                     # the sparse terms at the sampled pages
                 rp, rv = (rep[0], rep[1].float()) if rows is None else (rep[0][rows], rep[1][rows].float())
                 zt = zt + torch.where(rp == tk[:, None], rv, 0.0).sum(1)
                 c = col[rp]
@@ -559,13 +613,14 @@ class GPT(nn.Module):
         stacked per-cluster gains (K, C) are not decayed)."""
         mats = {id(m.weight) for m in self.modules() if isinstance(m, (SetLinear, SetEmbedding))}
         params = [p for p in self.parameters() if p.requires_grad]
-        fast = {id(p) for p in (self.repeat_w, self.repeat_d) if p is not None}
+        terms = [p for p in (self.repeat_w, self.repeat_d, self.trans_w) if p is not None]
+        fast = {id(p) for p in terms}
         decay = [p for p in params if id(p) in mats]
         no_decay = [p for p in params if id(p) not in mats and id(p) not in fast]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         if fast:   # train.py sets each group's lr to the schedule's times its lr_scale
-            groups.append({'params': [p for p in (self.repeat_w, self.repeat_d) if p is not None],
+            groups.append({'params': terms,
                            'weight_decay': 0.0, 'lr_scale': REPEAT_LR_SCALE})
         # fused AdamW runs on CPU and CUDA in recent PyTorch; fall back to foreach where it does not
         extra = {}
@@ -628,6 +683,8 @@ def check_gpt_config(config):
         raise ConfigError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
     if c.repeat_decay and not c.repeat_bias:
         raise ConfigError("repeat_decay=True needs repeat_bias=True (it is a part of the repeat term)")
+    if not 0 <= c.transitions <= MAX_TRANSITIONS:
+        raise ConfigError(f"transitions={c.transitions}: must be in [0, {MAX_TRANSITIONS}]")
     if not 0 <= c.dropout < 1:
         raise ConfigError(f"dropout={c.dropout}: must be in [0, 1)")
     # an upper bound (every weight per cluster), in Python ints: embeddings + head bias + blocks

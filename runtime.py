@@ -586,11 +586,11 @@ def read_checkpoint(path, device='cpu'):
     if not isinstance(ckpt['config'].get('data_dir'), str):
         raise CheckpointError(f"{path}: config has no data_dir")
     with torch.device('meta'):  # the expected shapes, nothing allocated
-        want = {k: v.shape for k, v in GPT(config).state_dict().items()}
+        want = {k: (v.shape, v.is_floating_point()) for k, v in GPT(config).state_dict().items()}
     state = ckpt['model']
-    for name, shape in want.items():
+    for name, (shape, real) in want.items():   # weights are floats, the transition table's pages integers
         t = state.get(name)
-        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.is_floating_point() != real:
             got = 'missing' if t is None else tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)}")
     extra = sorted(set(state) - set(want))
@@ -622,7 +622,8 @@ def expand_state(state, model):
     out = {}
     for name, want in model.state_dict().items():
         if name not in state:
-            if name in ('page_bias', 'repeat_w', 'repeat_d'):   # a plain GPT / an older run has none: its start
+            if name in ('page_bias', 'repeat_w', 'repeat_d', 'trans_w', 'trans_next', 'trans_count', 'trans_logpop'):
+                # a plain GPT / an older run has none: its start (train.py fills the table from the data)
                 out[name] = want
                 continue
             raise ValueError(f"{name} is missing from the checkpoint")

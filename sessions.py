@@ -196,14 +196,14 @@ class KVCache:
 
     @torch.no_grad()
     def logits(self):
-        """(B, V) float scores of each row's next token, the repeat term included."""
+        """(B, V) float scores of each row's next token, the sparse terms included."""
         model, dev = self.model, self.ids.device
         z = torch.empty(len(self.ids), model.config.vocab_size, device=dev)
         live = (self.len <= self.block).nonzero().flatten()                        # all their tokens cached
         if len(live):
             cid = None if self.cid is None else self.cid[live]
             zl = model.head(self.h_last[live, None], cid).float()                  # (n, 1, V)
-            rep = model.repeat_terms(self.ids[live, :self.block], (self.len[live] - 1)[:, None])
+            rep = model.sparse_terms(self.ids[live, :self.block], (self.len[live] - 1)[:, None])
             if rep is not None:
                 zl.scatter_add_(-1, rep[0], rep[1].float())
             z[live] = zl[:, 0]

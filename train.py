@@ -48,7 +48,7 @@ from cluster import load_clusters, window_clusters
 import curriculum
 from recipe import AUTO, check_config, fill_settings
 from tokenizer import N_SPECIAL
-from baselines import popularity
+from baselines import popularity, transition_table
 from evaluate import LOWER_IS_BETTER, evaluate_model, final_report, per_user_scores
 import search as settings_search
 from sessions import mean_session_nll
@@ -93,6 +93,8 @@ bias = False
 repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
                                # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
 repeat_decay = True            # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
+transitions = 0                # the transition term: up to this many pages that followed each token in the
+                               #   training data get a learned logit offset by their count (model.GPT.transition_terms)
 sampled_softmax = 0            # pages drawn per step (by popularity^0.75) for a sampled softmax in place of the
                                #   full one, for big catalogues (model.GPT._sampled_loss); 0 = the full softmax
 # AdamW
@@ -149,8 +151,8 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()   # the settings: lowercase
             if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))}
 
 MODEL_KEYS = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_clusters', 'cluster_scope',
-              'repeat_bias', 'repeat_decay')
-OLDER_CHECKPOINTS = {'repeat_bias': False, 'repeat_decay': False}   # model_args a checkpoint from before the setting lacks
+              'repeat_bias', 'repeat_decay', 'transitions')
+OLDER_CHECKPOINTS = {'repeat_bias': False, 'repeat_decay': False, 'transitions': 0}   # model_args a checkpoint from before the setting lacks
 
 
 def get_lr(it, cfg, cool=None):
@@ -300,12 +302,15 @@ class Run(Machinery):
         self.model_args = dict(block_size=cfg['block_size'], vocab_size=self.data.vocab_size, n_layer=cfg['n_layer'],
                                n_head=cfg['n_head'], n_embd=cfg['n_embd'], dropout=cfg['dropout'], bias=cfg['bias'],
                                n_clusters=cfg['n_clusters'], cluster_scope=cfg['cluster_scope'],
-                               repeat_bias=cfg['repeat_bias'], repeat_decay=cfg['repeat_decay'])
+                               repeat_bias=cfg['repeat_bias'], repeat_decay=cfg['repeat_decay'],
+                               transitions=cfg['transitions'])
         self.model = GPT(GPTConfig(**self.model_args)).to(self.dev)
         if ckpt is None and self.ref_model is not None:   # stage 2 starts as stage 1's model
             self.model.load_state_dict(self.ref_model.state_dict())
         if cfg['init_from'] not in ('scratch', 'resume'):   # warm start from another run's weights (checked above)
             warm_start(self.model, cfg, self.data, self.talk)
+        if ckpt is None and cfg['transitions']:   # the transition term's table: this data's training counts
+            self.model.set_transitions(*transition_table(self.data, cfg['transitions']))
         self.optimizer = self.model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                                          (cfg['beta1'], cfg['beta2']), self.device_type)
 

@@ -86,6 +86,21 @@ def knn(data, k, weighted, users=(0,), **kw):
     return bl.knn_scores(kx, data.tokens, users, data.offsets[users], data.val_pos[users], (k,), weighted, **kw)[0]
 
 
+def test_transition_table_counts_training_successors():
+    # the model's transition term: training (prev, next) pairs with <eos> as a target, not across the
+    # validation target, each row's most frequent successors first (ties: lower id), cut at width
+    data = fake_data(SR_LOG, vocab_size=10)
+    nxt, count, p = bl.transition_table(data, 2)
+    # B -> 4 twice, B -> 5, B -> 7; 4 -> 5, 4 -> 6, 4 -> E; 5 -> 6, 5 -> 4; 6 -> E; 7 -> 4 (not 4 -> 8)
+    want = {B_: [(4, 2), (5, 1)], 4: [(E_, 1), (5, 1)], 5: [(4, 1), (6, 1)], 6: [(E_, 1)], 7: [(4, 1)]}
+    for a in range(10):
+        got = [(int(b), float(c)) for b, c in zip(nxt[a], count[a]) if c > 0]
+        assert got == want.get(a, []), a
+    assert nxt.dtype == np.int32 and count.shape == (10, 2)
+    # popularity of the targets, add-one over <eos> and the pages: E 2, 4 4, 5 2, 6 2, 7 1, 8 0, 9 0
+    assert p.tolist() == pytest.approx([0, 0, 0, 3 / 18, 5 / 18, 3 / 18, 3 / 18, 2 / 18, 1 / 18, 1 / 18])
+
+
 def test_sknn_cosine_own_sessions_excluded_and_top_k():
     data = fake_data(KNN_LOG, vocab_size=12)
     s1, s2, s3 = 2 / math.sqrt(2 * 3), 1 / math.sqrt(2 * 2), 1 / math.sqrt(2 * 4)   # query {4, 5}

@@ -193,8 +193,8 @@ class StandIn(torch.nn.Module):
             logits = logits + 3.0 * bump.view(len(cluster_ids), *[1] * (logits.dim() - 2), -1)
         return logits
 
-    def repeat_terms(self, idx, at=None):
-        return None                                                  # no repeat term
+    def sparse_terms(self, idx, at=None, targets=None):
+        return None                                                  # no repeat or transition term
 
     def next_logits(self, idx, at, cluster_ids=None, rows=None):
         from model import GPT
@@ -243,7 +243,7 @@ def test_model_scores_batched_sorted_equals_one_at_a_time(which):
     with torch.no_grad():
         direct = model.head(model.eval().hidden_states(x, None if c is None else torch.from_numpy(c))[:, -1],
                             None if c is None else torch.from_numpy(c))
-        rep = model.repeat_terms(x, torch.tensor([[block_size - 1]]))   # the pages already in the context
+        rep = model.sparse_terms(x, torch.tensor([[block_size - 1]]))   # the pages already in the context
         if rep is not None:
             direct = direct.scatter_add(1, rep[0][:, 0], rep[1][:, 0])
     assert torch.allclose(ref[i:i + 1], direct, atol=1e-5)

@@ -129,16 +129,19 @@ def test_single_model_is_sized_to_the_clusterwise_parameter_count():
         assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02
 
 
-@pytest.mark.parametrize("K,scope,repeat", [(1, 'all', False), (3, 'all', False), (3, 'blocks', False),
-                                             (3, 'norms', False), (1, 'all', True), (3, 'all', True), (3, 'norms', True)])
-def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat, monkeypatch):
+@pytest.mark.parametrize("K,scope,repeat,trans", [(1, 'all', False, 0), (3, 'all', False, 0), (3, 'blocks', False, 0),
+                                                   (3, 'norms', False, 0), (1, 'all', True, 0), (3, 'all', True, 0),
+                                                   (3, 'norms', True, 0), (1, 'all', True, 6), (3, 'blocks', False, 6)])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat, trans, monkeypatch):
     import model as M
     monkeypatch.setattr(M, "LOSS_CHUNK", 2000 * 16)     # 16 rows per chunk: several chunks per set
-    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope, repeat_bias=repeat).train()
+    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, transitions=trans).train()
     if m.page_bias is not None:
         torch.nn.init.normal_(m.page_bias)
     if repeat:
         torch.nn.init.normal_(m.repeat_w)
+    if trans:
+        with_table(m)
     idx = torch.randint(0, 30, (4, 16)) if repeat else torch.randint(4, 2000, (4, 16))   # revisits, specials
     tgt = torch.randint(4, 2000, (4, 16))
     tgt[1, 9:] = -1
@@ -156,16 +159,20 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat
             assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("K,scope,repeat", [(1, 'all', True), (3, 'all', True), (3, 'norms', True), (2, 'blocks', False)])
-def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat):
+@pytest.mark.parametrize("K,scope,repeat,trans", [(1, 'all', True, 0), (3, 'all', True, 0), (3, 'norms', True, 0),
+                                                   (2, 'blocks', False, 0), (1, 'all', True, 4), (3, 'norms', False, 4)])
+def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat, trans):
     # with every page in the sample once and no correction (offsets 0), the sampled loss is the full
     # cross-entropy: same loss and gradients, weights, stage 2's logit bias, page biases and the
-    # repeat term included
-    m = tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat).train()
+    # repeat and transition terms included
+    m = tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat,
+             transitions=trans).train()
     if m.page_bias is not None:
         torch.nn.init.normal_(m.page_bias)
     if repeat:
         torch.nn.init.normal_(m.repeat_w)
+    if trans:
+        with_table(m)
     idx = torch.randint(0, 30, (4, 16))
     tgt = torch.randint(4, 30, (4, 16))
     tgt[1, 9:] = -1
@@ -223,13 +230,81 @@ def test_repeat_term_by_age_of_latest_visit_and_visits():
         logits, _ = m(idx)
         plain = m.head(m.hidden_states(idx))
         at = torch.tensor([[13, 5], [0, 7], [3, 12]])
-        z = m.add_repeat(plain[torch.arange(3)[:, None], at], idx, at)
+        z = m.add_sparse(plain[torch.arange(3)[:, None], at], idx, at)
     for b in range(3):
         for i in range(14):
             assert torch.allclose(logits[b, i] - plain[b, i], brute_repeat(m.repeat_w.detach(), idx, b, i, 37), atol=1e-5)
         for n in range(2):
             assert torch.allclose(z[b, n], logits[b, at[b, n]], atol=1e-5)
     assert not tiny().state_dict().keys() & {'repeat_w'}          # off: the model of older checkpoints
+
+
+def with_table(m, seed=1):
+    """A random transition table for m (set_transitions), some rows shorter than the width, and
+    random weights of the term."""
+    g = torch.Generator().manual_seed(seed)
+    V, S = m.config.vocab_size, m.config.transitions
+    nxt = torch.stack([torch.randperm(V - 3, generator=g)[:S] + 3 for _ in range(V)]).int()   # <eos> and pages
+    count = torch.randint(0, 4, (V, S), generator=g).float()
+    p = torch.rand(V, generator=g)
+    p[:3] = 0.0
+    m.set_transitions(nxt, count, p / p.sum())
+    with torch.no_grad():
+        m.trans_w.copy_(torch.randn(m.trans_w.shape, generator=g))
+    return m
+
+
+def brute_transition(m, a, target=None):
+    """The transition term after token a, from its definition: each successor b with count c (one
+    less if b is the training target) gets w0 log(1 + c / (beta p(b))) + w[2 + bucket(c)]."""
+    import math
+    from model import age_bucket
+    w, z = m.trans_w.detach(), torch.zeros(m.config.vocab_size)
+    p = m.trans_logpop.exp()
+    for b, c in zip(m.trans_next[a].tolist(), m.trans_count[a].tolist()):
+        c -= b == target
+        if c > 0:
+            z[b] += w[0] * math.log1p(c / (math.exp(w[1]) * p[b])) + w[2 + int(age_bucket(torch.tensor(int(c))))]
+    return z
+
+
+def test_transition_term_against_its_definition_and_leave_one_out():
+    m = with_table(tiny(transitions=5, repeat_bias=True))
+    idx = torch.randint(0, 37, (3, 14))
+    tgt = torch.randint(3, 37, (3, 14))
+    tgt[2, 10:] = -1
+    with torch.no_grad():
+        logits, _ = m(idx)
+        h = m.head(m.hidden_states(idx))
+        rep = m.repeat_terms(idx)
+        plain = h.scatter_add(-1, rep[0], rep[1])                     # the repeat term alone
+        at = torch.tensor([[13, 5], [0, 7], [3, 12]])
+        z = m.next_logits(idx, at)
+        held, _ = m(idx, tgt)                                         # training targets: leave-one-out
+    keep = tgt != -1
+    for b in range(3):
+        for i in range(14):
+            assert torch.allclose(logits[b, i] - plain[b, i], brute_transition(m, int(idx[b, i])), atol=1e-5)
+        for n in range(2):
+            assert torch.allclose(z[b, n], logits[b, at[b, n]], atol=1e-5)
+    rows = [(b, i) for b in range(3) for i in range(14) if keep[b, i]]
+    for r, (b, i) in enumerate(rows):
+        want = plain[b, i] + brute_transition(m, int(idx[b, i]), int(tgt[b, i]))
+        assert torch.allclose(held[r], want, atol=1e-5)
+    assert not tiny().state_dict().keys() & {'trans_w', 'trans_next'}   # off: the model of older checkpoints
+
+
+def test_transition_term_learns_the_chain_the_embeddings_cannot():
+    # one step of training moves the term's weight up when targets follow the table
+    m = with_table(tiny(transitions=3, vocab_size=37), seed=2).train()
+    with torch.no_grad():
+        m.trans_w.zero_()
+    idx = torch.randint(3, 37, (8, 16))
+    tgt = m.trans_next[idx, 0].long()                                 # each target its token's first successor
+    m.trans_count[:, 0] += 5                                          # seen before: its count stays >= 5
+    _, loss = m(idx, tgt, return_logits=False)
+    loss.backward()
+    assert m.trans_w.grad[0] < 0                                      # the descent raises the weight
 
 
 def test_repeat_decay_adds_the_log_of_decayed_visits():
