@@ -7,6 +7,7 @@ evaluation and prediction steps on real logs. Measurement only: nothing here cha
     python bench.py                                          # longer timings, synthetic only
     python bench.py --msnbc_input=msnbc990928.seq.gz --msnbc_dir=data/msnbc --bms_dir=data/bms
     python bench.py --threads=1 --out=bench_1thread.json     # one core
+    python bench.py --nanogpt=../nanoGPT                     # + nanoGPT's GPT at the recipe's shapes (its repository)
 
 The table is also written as JSON to --out. Training FLOPs use nanoGPT's estimate (PaLM appendix B):
 6N + 12*L*C*T per token (model.estimate_flops_per_token), so "% peak" compares the model with a
@@ -49,6 +50,9 @@ dtype_check = False      # train the built-in data at the small and medium shape
                          #   check_iters steps each; compare time and validation NLL (a few minutes)
 check_iters = 100        # steps per dtype for dtype_check (medium: a third)
 big_vocab_full = True    # also the full-logits loss there (a training step where memory allows, else forward only)
+nanogpt = ''             # nanoGPT's model.py (a file, or its repository folder; not included here): time
+                         #   its GPT beside ours at the shapes the recipe picks on the development logs ('' = skip)
+nanogpt_steps = 3        # timed steps per model, shape and repeat there (best of 3 repeats; --quick: 1)
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
@@ -57,6 +61,12 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 # (n_layer, n_head, n_embd, block_size, vocab_size, batch rows): tiny = train.py's default model
 PRESETS = {'tiny': (2, 2, 64, 50, 3300, 128), 'small': (4, 4, 128, 200, 3300, 32), 'medium': (6, 6, 384, 256, 3300, 16)}
 COLUMNS = ('name', 'dtype', 'value', 'unit', 'gflops', 'peak_share', 'mem_mb', 'note')
+# (log, n_embd, block_size, vocabulary, transitions) train.py derives with no flags on each development
+# log (recipe.py; the README's results table): 2 blocks, heads of 32, batches of max(4096, 16 x block)
+# tokens, the repeat term on, the transition term where pages have few training events
+RECIPE_SHAPES = (('built-in', 64, 64, 438, 0), ('BMS', 64, 32, 488, 0), ('MSNBC', 64, 32, 21, 0),
+                 ('Online Retail', 128, 128, 3665, 0), ('sparse shop', 64, 32, 19580, 32),
+                 ('MovieLens-100K', 128, 128, 1682, 0), ('Wikipedia', 128, 64, 1004, 0), ('repeat shop', 64, 128, 1002, 0))
 
 
 def hardware(dev):
@@ -393,6 +403,80 @@ def bench_clusters(cfg, dev, K=5):
                  f"({count_params(single):,}), {B}x{T} tokens")]
 
 
+def load_nanogpt(path):
+    """nanoGPT's model module from its model.py (path: the file or the folder that holds it)."""
+    import importlib.util
+    path = os.path.join(path, 'model.py') if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ConfigError(f"--nanogpt={path}: not found (give nanoGPT's model.py or its folder)")
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.GPT, module.GPTConfig
+    except Exception as e:   # any file that is not nanoGPT's model.py
+        raise ConfigError(f"--nanogpt={path}: not nanoGPT's model.py ({type(e).__name__}: {e})") from None
+    return module
+
+
+def bench_vs_nanogpt(cfg, dev, dtype):
+    """Training steps of our GPT as train.py builds it with no flags (the repeat term, and the
+    transition term where the recipe turns it on, with a random table) and of nanoGPT's GPT (its forward with targets: the
+    full (B, T, V) logits and F.cross_entropy; its configure_optimizers) on the same batches of
+    random pages, at each shape of RECIPE_SHAPES, in `dtype` (what --dtype=auto picks here), gradient
+    clipping at 1.0 for both. One process, the two models alternating, best of 3 repeats."""
+    import io
+    from contextlib import redirect_stdout
+    import train
+    from model import GPT, GPTConfig
+    nano = load_nanogpt(cfg['nanogpt'])
+    device_type = dev.split(':')[0]
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    steps, rows = cfg['nanogpt_steps'], []
+    for name, C, T, V, S in RECIPE_SHAPES:
+        B = max(4096, 16 * T) // T
+        g = torch.Generator().manual_seed(cfg['seed'])
+        batch = torch.randint(4, V, (B, T + 1), generator=g)
+        x, y = batch[:, :-1].contiguous().to(dev), batch[:, 1:].contiguous().to(dev)   # nanoGPT views targets
+        torch.manual_seed(cfg['seed'])
+        ours = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C, dropout=0.0,
+                             repeat_bias=train.DEFAULTS['repeat_bias'], repeat_decay=train.DEFAULTS['repeat_decay'],
+                             transitions=S)).to(dev).train()
+        if S:
+            ours.set_transitions(torch.randint(3, V, (V, S), generator=g).int(),
+                                 torch.randint(0, 5, (V, S), generator=g).float(), torch.full((V,), 1.0 / V))
+        opt_ours = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+        torch.manual_seed(cfg['seed'])
+        with redirect_stdout(io.StringIO()):   # nanoGPT prints its parameter counts and AdamW choice
+            theirs = nano.GPT(nano.GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C,
+                                             dropout=0.0, bias=False)).to(dev).train()
+            opt_theirs = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+
+        def step_theirs():
+            with autocast:
+                _, loss = theirs(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            opt_theirs.step()
+            opt_theirs.zero_grad(set_to_none=True)
+
+        fns = {'ours': lambda: train_step(ours, opt_ours, x, y, clip=1.0, autocast=autocast), 'nanoGPT': step_theirs}
+        best = {}
+        for k, fn in fns.items():
+            timed(fn, cfg['warmup'], dev)
+        for _ in range(3):
+            for k, fn in fns.items():
+                best[k] = min(best.get(k, float('inf')), timed(fn, steps, dev) / steps)
+        tok = {k: B * T / v for k, v in best.items()}
+        rows.append(dict(name=f'vs nanoGPT: {name}', dtype='bf16' if dtype == 'bfloat16' else 'fp32',
+                         value=tok['ours'] / tok['nanoGPT'], unit='x nanoGPT',
+                         note=f"C{C} T{T} V{V} B{B}{f' S{S}' if S else ''}: {tok['ours']:,.0f} vs {tok['nanoGPT']:,.0f} tokens/s "
+                              f"({1e3 * best['ours']:.0f} vs {1e3 * best['nanoGPT']:.0f} ms/step)"))
+        print(format_table(rows[-1:]).split('\n')[1], flush=True)
+        del ours, theirs, opt_ours, opt_theirs
+    return rows
+
+
 def format_table(rows):
     def cell(v, fmt):
         return '' if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
@@ -412,7 +496,9 @@ def run(cfg):
                    eval_users=cfg['eval_users'] or 5000, latency_users=min(cfg['latency_users'], 50))
     if cfg['big_vocab'] < 0 or 0 < cfg['big_vocab'] < 8:
         raise ConfigError(f"--big_vocab={cfg['big_vocab']}: 0 (skip) or a vocabulary size")
-    for k in ('steps', 'matmul_reps', 'matmul_n', 'latency_users'):
+    if cfg['quick']:
+        cfg['nanogpt_steps'] = min(cfg['nanogpt_steps'], 1)
+    for k in ('steps', 'matmul_reps', 'matmul_n', 'latency_users', 'nanogpt_steps'):
         if cfg[k] < 1:
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer")
     if cfg['eval_users'] < 0:
@@ -439,6 +525,8 @@ def run(cfg):
     if cfg['dtype_check']:
         rows += bench_dtype_check(cfg, dev)
         print(format_table(rows[-2:]).split('\n', 1)[1], flush=True)
+    if cfg['nanogpt']:
+        rows += bench_vs_nanogpt(cfg, dev, auto)
     rows += bench_clusters(cfg, dev)
     print(format_table(rows[-1:]).split('\n')[1], flush=True)
     if cfg['big_vocab']:

@@ -28,7 +28,9 @@ from tokenizer import N_SPECIAL
 
 # what "from the data" looks like in train.py's globals block
 AUTO = {'block_size': 0, 'n_layer': 0, 'n_head': 0, 'n_embd': 0, 'dropout': -1.0, 'batch_tokens': 0,
-        'learning_rate': 0.0, 'min_lr': -1.0, 'max_iters': 0, 'warmup_iters': -1, 'eval_interval': 0}
+        'learning_rate': 0.0, 'min_lr': -1.0, 'max_iters': 0, 'warmup_iters': -1, 'eval_interval': 0,
+        'transitions': -1}
+SPARSE_PER_PAGE = 50   # training events per page below which the transition term is on (docs/recipe.md)
 
 
 def data_stats(data):
@@ -74,6 +76,13 @@ def derive(cfg, s):
     # the sparse simulated shop, 19,576 pages, 15 each, over-fits at 64 already)
     wide = s['pages'] >= 1000 and per_page >= 50
     rule('n_embd', 128 if wide else 64, f"{s['pages']:,} pages, {per_page:,.0f} training events per page")
+    # the transition term (model.GPT.transition_terms): where a page has too few events for its
+    # embedding to learn whom it follows (the sparse shop, 10 per page: validation 1.00x -> 1.04x
+    # Markov); with hundreds per page the GPT learns it, and the term slowed it (BMS, 244 per page:
+    # validation 0.4483 -> 0.4347)
+    sparse = per_page < SPARSE_PER_PAGE
+    rule('transitions', 32 if sparse else 0, f"{per_page:,.0f} training events per page: "
+         + ("too few to learn whom each page follows" if sparse else f"at least {SPARSE_PER_PAGE}, the GPT learns it"))
     rule('n_layer', 2, "2 blocks, as SASRec")
     rule('n_head', max(1, cfg['n_embd'] // 32), f"heads of 32 dimensions (n_embd {cfg['n_embd']})")
     # regularization: 0.3 was no better on the sparse simulated shop, where 0.1 over-fits too
@@ -109,7 +118,7 @@ def check_config(cfg):
               'block_size', 'stage2_iters', 'per_behavior', 'n_layer', 'n_head', 'n_embd', 'epochs'):
         if cfg[k] < 1 and cfg[k] != AUTO.get(k):
             raise ConfigError(f"--{k}={cfg[k]}: must be a positive integer" + (" (0: from the data)" if k in AUTO else ""))
-    for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters'):
+    for k in ('dropout', 'learning_rate', 'min_lr', 'warmup_iters', 'transitions'):
         if cfg[k] < 0 and cfg[k] != AUTO[k]:
             raise ConfigError(f"--{k}={cfg[k]}: must be >= 0 ({AUTO[k]}: from the data)")
     if cfg['eval_users'] < 0:

@@ -93,8 +93,9 @@ bias = False
 repeat_bias = True             # pages already in the context get a learned logit offset by the age of their
                                # latest visit (model.GPT.repeat_terms): revisits, or "never again", in one term
 repeat_decay = True            # with repeat_bias: also log(sum of gamma^age over a page's visits), gamma learned
-transitions = 0                # the transition term: up to this many pages that followed each token in the
-                               #   training data get a learned logit offset by their count (model.GPT.transition_terms)
+transitions = -1               # data: the transition term, up to this many pages that followed each token in
+                               #   the training data get a learned logit offset by their count (model.GPT.transition_terms;
+                               #   32 where pages have few training events, else 0 = none)
 sampled_softmax = 0            # pages drawn per step (by popularity^0.75) for a sampled softmax in place of the
                                #   full one, for big catalogues (model.GPT._sampled_loss); 0 = the full softmax
 # AdamW

@@ -55,3 +55,52 @@ def test_dtype_check_trains_both_dtypes_on_real_data(tmp_path, monkeypatch):
     rows = bench.bench_dtype_check(dict(bench.DEFAULTS, check_iters=3), 'cpu')
     assert [r['name'] for r in rows] == ['bf16 check small', 'bf16 check medium']
     assert all(r['value'] > 0 and 'validation NLL' in r['note'] for r in rows)
+
+
+NANO_STANDIN = '''
+# a stand-in with nanoGPT's interface (GPTConfig fields, forward(idx, targets) -> (logits, loss),
+# configure_optimizers(weight_decay, learning_rate, betas, device_type)), written for this test
+from dataclasses import dataclass
+import torch
+from torch.nn import functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 8
+    vocab_size: int = 40
+    n_layer: int = 1
+    n_head: int = 1
+    n_embd: int = 16
+    dropout: float = 0.0
+    bias: bool = False
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.emb = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.out = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        print("number of parameters: that many")
+
+    def forward(self, idx, targets=None):
+        logits = self.out(self.emb(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        print("using fused AdamW: False")
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+'''
+
+
+def test_against_nanogpt_at_the_recipe_shapes(tmp_path, monkeypatch, capsys):
+    # one row per recipe shape: our model (its default terms on) and nanoGPT's on the same batches
+    (tmp_path / 'model.py').write_text(NANO_STANDIN)
+    monkeypatch.setattr(bench, 'RECIPE_SHAPES', (('tiny log', 32, 32, 300, 8),))
+    cfg = dict(bench.DEFAULTS, nanogpt=str(tmp_path), nanogpt_steps=1, warmup=1, seed=0)
+    rows = bench.bench_vs_nanogpt(cfg, 'cpu', 'float32')
+    assert len(rows) == 1 and rows[0]['name'] == 'vs nanoGPT: tiny log' and rows[0]['value'] > 0
+    assert rows[0]['note'].startswith('C32 T32 V300 B128 S8: ') and 'number of parameters' not in capsys.readouterr().out
+    with pytest.raises(bench.ConfigError, match='nanogpt=.*not found'):
+        bench.load_nanogpt(str(tmp_path / 'nowhere'))
+    (tmp_path / 'other.py').write_text('x = 1\n')
+    with pytest.raises(bench.ConfigError, match="not nanoGPT's model.py"):
+        bench.load_nanogpt(str(tmp_path / 'other.py'))

@@ -36,6 +36,10 @@ def test_more_data_more_iterations_and_a_big_catalogue_with_data_a_wider_model()
     sparse, _ = derive(dict(train.DEFAULTS), stats(pages=20_000, train_events=300_000))   # 15 events a page
     assert shop['n_embd'] > small['n_embd'] == sparse['n_embd']
     assert shop['n_embd'] % shop['n_head'] == 0 and shop['learning_rate'] < small['learning_rate']
+    # the transition term where pages have too few events to learn whom they follow, and only there
+    assert sparse['transitions'] == 32 and shop['transitions'] == small['transitions'] == 0
+    off, reasons = derive(dict(train.DEFAULTS, transitions=0), stats(pages=20_000, train_events=300_000))
+    assert off['transitions'] == 0 and 'transitions' not in {k for k, _, _ in reasons}
 
 
 def test_explicit_settings_win():
