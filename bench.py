@@ -1,7 +1,8 @@
 """
 How fast is this machine for nanoBehavior? One table: the hardware, the matmul peak, training
-throughput of three model sizes in fp32 and bf16, and (given data folders) the data, clustering,
-evaluation and prediction steps on real logs. Measurement only: nothing here changes training.
+throughput of three model sizes in fp32 and bf16, (given nanoGPT's model.py) nanoGPT's GPT beside
+ours at the shapes the recipe picks, and (given data folders) the data, clustering, evaluation and
+prediction steps on real logs. Measurement only: nothing here changes training.
 
     python bench.py --quick                                  # ~30 s, synthetic workloads only
     python bench.py                                          # longer timings, synthetic only
@@ -424,7 +425,8 @@ def bench_vs_nanogpt(cfg, dev, dtype):
     transition term where the recipe turns it on, with a random table) and of nanoGPT's GPT (its forward with targets: the
     full (B, T, V) logits and F.cross_entropy; its configure_optimizers) on the same batches of
     random pages, at each shape of RECIPE_SHAPES, in `dtype` (what --dtype=auto picks here), gradient
-    clipping at 1.0 for both. One process, the two models alternating, best of 3 repeats."""
+    clipping at 1.0 for both; and ours without the repeat term (its cost grows with the context).
+    One process, the models alternating, best of 3 repeats."""
     import io
     from contextlib import redirect_stdout
     import train
@@ -446,6 +448,12 @@ def bench_vs_nanogpt(cfg, dev, dtype):
             ours.set_transitions(torch.randint(3, V, (V, S), generator=g).int(),
                                  torch.randint(0, 5, (V, S), generator=g).float(), torch.full((V,), 1.0 / V))
         opt_ours = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+        torch.manual_seed(cfg['seed'])   # and the same without the repeat term, to show what it costs
+        bare = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C, dropout=0.0,
+                             transitions=S)).to(dev).train()
+        if S:
+            bare.load_state_dict(ours.state_dict(), strict=False)
+        opt_bare = bare.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
         torch.manual_seed(cfg['seed'])
         with redirect_stdout(io.StringIO()):   # nanoGPT prints its parameter counts and AdamW choice
             theirs = nano.GPT(nano.GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C,
@@ -460,7 +468,8 @@ def bench_vs_nanogpt(cfg, dev, dtype):
             opt_theirs.step()
             opt_theirs.zero_grad(set_to_none=True)
 
-        fns = {'ours': lambda: train_step(ours, opt_ours, x, y, clip=1.0, autocast=autocast), 'nanoGPT': step_theirs}
+        fns = {'ours': lambda: train_step(ours, opt_ours, x, y, clip=1.0, autocast=autocast), 'nanoGPT': step_theirs,
+               'bare': lambda: train_step(bare, opt_bare, x, y, clip=1.0, autocast=autocast)}
         best = {}
         for k, fn in fns.items():
             timed(fn, cfg['warmup'], dev)
@@ -471,9 +480,10 @@ def bench_vs_nanogpt(cfg, dev, dtype):
         rows.append(dict(name=f'vs nanoGPT: {name}', dtype='bf16' if dtype == 'bfloat16' else 'fp32',
                          value=tok['ours'] / tok['nanoGPT'], unit='x nanoGPT',
                          note=f"C{C} T{T} V{V} B{B}{f' S{S}' if S else ''}: {tok['ours']:,.0f} vs {tok['nanoGPT']:,.0f} tokens/s "
-                              f"({1e3 * best['ours']:.0f} vs {1e3 * best['nanoGPT']:.0f} ms/step)"))
+                              f"({1e3 * best['ours']:.0f} vs {1e3 * best['nanoGPT']:.0f} ms/step; ours without the "
+                              f"repeat term {1e3 * best['bare']:.0f} ms, {best['nanoGPT'] / best['bare']:.2f}x)"))
         print(format_table(rows[-1:]).split('\n')[1], flush=True)
-        del ours, theirs, opt_ours, opt_theirs
+        del ours, theirs, bare, opt_ours, opt_theirs, opt_bare
     return rows
 
 
