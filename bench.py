@@ -205,11 +205,16 @@ def default_config(data):
 def default_model(data, dev, dropout=0.0):
     """A random-init model at the shape train.py picks for this dataset with no flags."""
     from model import GPT, GPTConfig
+    from baselines import transition_table
     tc = default_config(data)
     torch.manual_seed(tc['seed'])
-    return GPT(GPTConfig(block_size=tc['block_size'], vocab_size=data.vocab_size, n_layer=tc['n_layer'],
-                         n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout,
-                         repeat_bias=tc['repeat_bias'], repeat_decay=tc['repeat_decay'])).to(dev).eval()
+    model = GPT(GPTConfig(block_size=tc['block_size'], vocab_size=data.vocab_size, n_layer=tc['n_layer'],
+                          n_head=tc['n_head'], n_embd=tc['n_embd'], dropout=dropout,
+                          repeat_bias=tc['repeat_bias'], repeat_decay=tc['repeat_decay'],
+                          transitions=tc['transitions'])).to(dev).eval()
+    if tc['transitions']:   # the table train.py would fill from this data
+        model.set_transitions(*transition_table(data, tc['transitions']))
+    return model
 
 
 def bench_prepare(path):
@@ -411,6 +416,8 @@ def load_nanogpt(path):
     if not os.path.isfile(path):
         raise ConfigError(f"--nanogpt={path}: not found (give nanoGPT's model.py or its folder)")
     spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    if spec is None:
+        raise ConfigError(f"--nanogpt={path}: not a Python file (give nanoGPT's model.py or its folder)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -516,6 +523,8 @@ def run(cfg):
     for k in ('msnbc_input', 'msnbc_dir', 'bms_dir'):
         if cfg[k] and not os.path.exists(cfg[k]):
             raise ConfigError(f"--{k}={cfg[k]}: not found")
+    if cfg['nanogpt']:
+        load_nanogpt(cfg['nanogpt'])   # a bad path fails now, not after minutes of other benchmarks
     if cfg['threads'] > 0:
         torch.set_num_threads(cfg['threads'])
     dev = resolve_device(cfg['device'])

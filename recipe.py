@@ -73,7 +73,7 @@ def derive(cfg, s):
     rule('block_size', pow2(s['len_p90'], 32, 128), f"p90 of users' training tokens is {s['len_p90']:.0f}")
     # width: a catalogue of thousands of pages needs wider page vectors, if each page has enough
     # events to learn one (Online Retail, 3,661 pages, 115 events each: 128 > 64 at the same steps;
-    # the sparse simulated shop, 19,576 pages, 15 each, over-fits at 64 already)
+    # the sparse simulated shop, 19,576 pages, 10 each, over-fits at 64 already)
     wide = s['pages'] >= 1000 and per_page >= 50
     rule('n_embd', 128 if wide else 64, f"{s['pages']:,} pages, {per_page:,.0f} training events per page")
     # the transition term (model.GPT.transition_terms): where a page has too few events for its

@@ -288,7 +288,7 @@ def warm_start(model, cfg, data, master):
         model.load_state_dict(expand_state(src['model'], model))
     except ValueError as e:
         raise ConfigError(f"--init_from={cfg['init_from']}: does not fit this model ({e}); "
-                          "use the same n_layer/n_head/n_embd/block_size/bias") from None
+                          "use the same n_layer/n_head/n_embd/block_size/bias/transitions") from None
     if master:
         print(f"weights from {cfg['init_from']} (iteration {src['iter_num']}, "
               f"{src['model_args'].get('n_clusters', 1)} set(s)) -> {cfg['n_clusters']} set(s)")
@@ -591,8 +591,13 @@ def read_checkpoint(path, device='cpu'):
     for name, (shape, real) in want.items():   # weights are floats, the transition table's pages integers
         t = state.get(name)
         if not isinstance(t, torch.Tensor) or t.shape != shape or t.is_floating_point() != real:
-            got = 'missing' if t is None else tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)}")
+            got = 'missing' if t is None else (f"{tuple(t.shape)} of {t.dtype}" if isinstance(t, torch.Tensor)
+                                               else type(t).__name__)
+            raise CheckpointError(f"{path}: weight {name} is {got}, model_args ask for {tuple(shape)} of "
+                                  f"{'floats' if real else 'integers'}")
+    nxt = state.get('trans_next')
+    if nxt is not None and nxt.numel() and not (0 <= int(nxt.min()) and int(nxt.max()) < config.vocab_size):
+        raise CheckpointError(f"{path}: its transition table holds page ids outside [0, {config.vocab_size})")
     extra = sorted(set(state) - set(want))
     if extra:
         raise CheckpointError(f"{path}: weights {extra[:3]} do not belong to the model its model_args describe")

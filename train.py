@@ -237,7 +237,9 @@ class Run(Machinery):
             self.model = torch.compile(self.model)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model = DDP(self.model, device_ids=[int(self.dev.split(':')[1])] if self.device_type == 'cuda' else None)
+            # the only buffers are the transition table, the same on every rank: not re-sent every step
+            self.model = DDP(self.model, device_ids=[int(self.dev.split(':')[1])] if self.device_type == 'cuda' else None,
+                             broadcast_buffers=False)
         if self.talk:
             self.print_plan()
         self.t_start = time.time()

@@ -101,6 +101,9 @@ def test_against_nanogpt_at_the_recipe_shapes(tmp_path, monkeypatch, capsys):
     assert rows[0]['note'].startswith('C32 T32 V300 B128 S8: ') and 'number of parameters' not in capsys.readouterr().out
     with pytest.raises(bench.ConfigError, match='nanogpt=.*not found'):
         bench.load_nanogpt(str(tmp_path / 'nowhere'))
+    (tmp_path / 'model.txt').write_text('x = 1\n')
+    with pytest.raises(bench.ConfigError, match='not a Python file'):
+        bench.load_nanogpt(str(tmp_path / 'model.txt'))
     (tmp_path / 'other.py').write_text('x = 1\n')
     with pytest.raises(bench.ConfigError, match="not nanoGPT's model.py"):
         bench.load_nanogpt(str(tmp_path / 'other.py'))

@@ -186,6 +186,16 @@ def with_args(ds, **change):
     return ck
 
 
+def with_table(ds, top):
+    """ds's checkpoint with a transition table of 4 successors per token, the largest page id `top`."""
+    ck = with_args(ds, transitions=4)
+    V = ck["model_args"]["vocab_size"]
+    nxt = torch.full((V, 4), 4, dtype=torch.int32)
+    nxt[5, 2] = top
+    state = {**GPT(GPTConfig(**ck["model_args"])).state_dict(), **ck["model"], "trans_next": nxt}
+    return {**ck, "model": state}
+
+
 def on_ckpt(make, script="evaluate"):
     """make(t, ds) -> checkpoint path; given to evaluate.py --ckpt, sample.py or cluster.py --vectors=model."""
     def build(t, ds):
@@ -261,6 +271,11 @@ CASES = [
      "n_embd='16': should be a int", 2),
     ("weights that do not fit", on_ckpt(lambda t, ds: ckpt_file(t, with_args(ds, n_embd=32, n_head=2)), "sample"),
      "model_args ask for", 2),
+    ("transition table outside the pages", on_ckpt(lambda t, ds: ckpt_file(t, with_table(ds, 10 ** 6)), "sample"),
+     "transition table holds page ids outside", 2),
+    ("transition table of floats", on_ckpt(lambda t, ds: ckpt_file(t, {**with_table(ds, 5), "model": {
+        **with_table(ds, 5)["model"], "trans_next": torch.zeros(ds["ckpt"]["model_args"]["vocab_size"], 4)}})),
+     "of integers", 2),
     ("clusters outside the sets", on_ckpt(lambda t, ds: ckpt_file(t, {**ds["ckpt"], "clusters": torch.full((60,), 3)})),
      "user -> cluster assignment", 2),
     # settings
