@@ -422,7 +422,9 @@ class GPT(nn.Module):
         again = same & later
         nxt = torch.where(again.any(2), again.to(torch.uint8).argmax(2), T)         # (B, T) j's next visit
         visits = (same & ~later.T).sum(1)                                          # (B, T) visits up to j
-        i = ar[None, :, None].expand(B, T, 1) if at is None else at[:, :, None]   # (B, n, 1) scored positions
+        # (1 or B, n, 1) the scored positions: every position shares one (T, T) table of age buckets, so
+        # the bucket lookup and its gradient run over T x T entries, not B x T x T
+        i = ar[None, :, None] if at is None else at[:, :, None]
         j = ar[None, None, :]
         live = (j <= i) & (nxt[:, None, :] > i) & (idx[:, None, :] >= N_SPECIAL)  # (B, n, T)
         w = self.repeat_w
