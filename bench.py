@@ -447,20 +447,19 @@ def bench_vs_nanogpt(cfg, dev, dtype):
         g = torch.Generator().manual_seed(cfg['seed'])
         batch = torch.randint(4, V, (B, T + 1), generator=g)
         x, y = batch[:, :-1].contiguous().to(dev), batch[:, 1:].contiguous().to(dev)   # nanoGPT views targets
-        torch.manual_seed(cfg['seed'])
-        ours = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C, dropout=0.0,
-                             repeat_bias=train.DEFAULTS['repeat_bias'], repeat_decay=train.DEFAULTS['repeat_decay'],
-                             transitions=S)).to(dev).train()
-        if S:
-            ours.set_transitions(torch.randint(3, V, (V, S), generator=g).int(),
-                                 torch.randint(0, 5, (V, S), generator=g).float(), torch.full((V,), 1.0 / V))
-        opt_ours = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
-        torch.manual_seed(cfg['seed'])   # and the same without the repeat term, to show what it costs
-        bare = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C, dropout=0.0,
-                             transitions=S)).to(dev).train()
-        if S:
-            bare.load_state_dict(ours.state_dict(), strict=False)
-        opt_bare = bare.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+        table = (torch.randint(3, V, (V, S), generator=g).int(), torch.randint(0, 5, (V, S), generator=g).float(),
+                 torch.full((V,), 1.0 / V)) if S else None
+
+        def build(**terms):   # ours as the recipe builds it; bare: the same without the repeat term
+            torch.manual_seed(cfg['seed'])
+            m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C, dropout=0.0,
+                              transitions=S, **terms)).to(dev).train()
+            if S:
+                m.set_transitions(*table)
+            return m, m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device_type)
+
+        ours, opt_ours = build(repeat_bias=train.DEFAULTS['repeat_bias'], repeat_decay=train.DEFAULTS['repeat_decay'])
+        bare, opt_bare = build()
         torch.manual_seed(cfg['seed'])
         with redirect_stdout(io.StringIO()):   # nanoGPT prints its parameter counts and AdamW choice
             theirs = nano.GPT(nano.GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=C // 32, n_embd=C,

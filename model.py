@@ -467,10 +467,9 @@ class GPT(nn.Module):
         c = self.trans_count[a]
         if targets is not None:
             c = c - (pages == targets[:, :, None]).float()
-        w = self.trans_w
-        lift = F.softplus(c.clamp(min=1.0).log() - w[1] - self.trans_logpop[pages])  # log(1 + c / (beta p))
-        seen = c > 0
-        vals = w[0] * lift + w[2:][age_bucket(c.clamp(min=1.0).long())]
+        w, seen, c1 = self.trans_w, c > 0, c.clamp(min=1.0)         # c1: finite logs at the unseen entries
+        lift = F.softplus(c1.log() - w[1] - self.trans_logpop[pages])    # log(1 + c / (beta p))
+        vals = w[0] * lift + w[2:][age_bucket(c1.long())]
         return torch.where(seen, pages, 0), torch.where(seen, vals, 0.0)
 
     def sparse_terms(self, idx, at=None, targets=None):

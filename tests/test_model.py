@@ -129,19 +129,25 @@ def test_single_model_is_sized_to_the_clusterwise_parameter_count():
         assert abs(count_params(single) / count_params(cfg) - 1) < 0.02 and abs(ratio - 1) < 0.02
 
 
+def random_terms(m):
+    """m with random page biases, repeat weights and transition table, where it has them."""
+    if m.page_bias is not None:
+        torch.nn.init.normal_(m.page_bias)
+    if m.repeat_w is not None:
+        torch.nn.init.normal_(m.repeat_w)
+    if m.trans_w is not None:
+        with_table(m)
+    return m
+
+
 @pytest.mark.parametrize("K,scope,repeat,trans", [(1, 'all', False, 0), (3, 'all', False, 0), (3, 'blocks', False, 0),
                                                    (3, 'norms', False, 0), (1, 'all', True, 0), (3, 'all', True, 0),
                                                    (3, 'norms', True, 0), (1, 'all', True, 6), (3, 'blocks', False, 6)])
 def test_chunked_loss_equals_the_full_logits_loss_and_gradients(K, scope, repeat, trans, monkeypatch):
     import model as M
     monkeypatch.setattr(M, "LOSS_CHUNK", 2000 * 16)     # 16 rows per chunk: several chunks per set
-    m = tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, transitions=trans).train()
-    if m.page_bias is not None:
-        torch.nn.init.normal_(m.page_bias)
-    if repeat:
-        torch.nn.init.normal_(m.repeat_w)
-    if trans:
-        with_table(m)
+    m = random_terms(tiny(vocab_size=2000, n_clusters=K, cluster_scope=scope, repeat_bias=repeat,
+                          transitions=trans).train())
     idx = torch.randint(0, 30, (4, 16)) if repeat else torch.randint(4, 2000, (4, 16))   # revisits, specials
     tgt = torch.randint(4, 2000, (4, 16))
     tgt[1, 9:] = -1
@@ -165,14 +171,8 @@ def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat, t
     # with every page in the sample once and no correction (offsets 0), the sampled loss is the full
     # cross-entropy: same loss and gradients, weights, stage 2's logit bias, page biases and the
     # repeat and transition terms included
-    m = tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat,
-             transitions=trans).train()
-    if m.page_bias is not None:
-        torch.nn.init.normal_(m.page_bias)
-    if repeat:
-        torch.nn.init.normal_(m.repeat_w)
-    if trans:
-        with_table(m)
+    m = random_terms(tiny(vocab_size=300, n_clusters=K, cluster_scope=scope, repeat_bias=repeat, repeat_decay=repeat,
+                          transitions=trans).train())
     idx = torch.randint(0, 30, (4, 16))
     tgt = torch.randint(4, 30, (4, 16))
     tgt[1, 9:] = -1
