@@ -96,18 +96,25 @@ def popularity(data, nxt=None, eos=False):
     p[[PAD, UNK, BOS] + ([] if eos else [EOS])] = 0.0
     return p / p.sum()
 
+def bigram_counts(data, eos=False):
+    """The training bigrams (train_transitions), counted: prev, next, count of each distinct pair,
+    sorted by (prev, next); and every transition's target (for popularity)."""
+    V = data.vocab_size
+    prev, nxt = train_transitions(data, eos)
+    codes, counts = np.unique(prev * V + nxt, return_counts=True)
+    return codes // V, codes % V, counts, nxt
+
 def bigram_logp(data, beta=1.0, eos=False):
     """First-order Markov with back-off: fn(prevs (B,)) -> (B, V) log of
     (c(prev, x) + beta * p_pop(x)) / (c(prev) + beta), x over pages (and <eos> when eos). The bigram
-    table is CSR over prev (sorted pair codes + np.unique), dense only for the prevs of a batch."""
+    table is CSR over prev (bigram_counts), dense only for the prevs of a batch."""
     V = data.vocab_size
-    prev, nxt = train_transitions(data, eos)
+    rows, cols, counts, nxt = bigram_counts(data, eos)
     p_pop = popularity(data, nxt, eos)
-    codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
-    indptr = np.searchsorted(codes // V, np.arange(V + 1))               # row u = codes[indptr[u]:indptr[u+1]]
-    cols = torch.from_numpy(codes % V)
+    indptr = np.searchsorted(rows, np.arange(V + 1))                     # row u = cols[indptr[u]:indptr[u+1]]
+    cols = torch.from_numpy(cols)
     vals = torch.from_numpy(counts.astype(np.float32))
-    row_total = np.bincount(codes // V, weights=counts, minlength=V)     # c(prev), (V,)
+    row_total = np.bincount(rows, weights=counts, minlength=V)           # c(prev), (V,)
     beta_pop = torch.from_numpy(beta * p_pop).float()                    # (V,)
 
     def logp(prevs):
@@ -127,9 +134,7 @@ def transition_table(data, width):
     (ties: lower id first) and their training counts. Returns nxt (V, width) int32, count (V, width)
     float32 (0 past a token's last successor) and p_pop (V,) float32 (popularity, eos=True)."""
     V = data.vocab_size
-    prev, nxt = train_transitions(data, eos=True)
-    codes, counts = np.unique(prev * V + nxt, return_counts=True)       # sorted by (prev, next)
-    rows, cols = codes // V, codes % V
+    rows, cols, counts, nxt = bigram_counts(data, eos=True)
     order = np.lexsort((cols, -counts, rows))                            # each row most frequent first
     rows, cols, counts = rows[order], cols[order], counts[order]
     rank = np.arange(len(rows)) - np.searchsorted(rows, rows)            # place inside its row
