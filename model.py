@@ -205,7 +205,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 rows = max(rows, LOW_PRECISION_ROWS)
                 # and every chunk of the same size: oneDNN builds (and caches) bf16 kernels per shape,
                 # and a last chunk of N % rows rows is a new shape nearly every batch; the padding
-                # rows weigh 0, so they add nothing to the loss or the gradients
+                # rows weigh 0, so they add nothing to the loss or the gradients. A batch smaller than
+                # one chunk (a small vocabulary) is one chunk of N rounded up to LOW_PRECISION_ROWS,
+                # not padded to a whole chunk: a few shapes, none of them mostly padding
+                rows = min(rows, max(1, -(-N // LOW_PRECISION_ROWS)) * LOW_PRECISION_ROWS)
                 pad = -N % rows
                 if pad:
                     h = torch.cat([h, h.new_zeros(pad, h.size(1))])
@@ -402,43 +405,76 @@ class GPT(nn.Module):
         z = self.lm_head(h, k)
         return z if self.page_bias is None else z + self.page_bias[k].to(z.dtype)
 
-    def repeat_terms(self, idx, at=None):
-        """The repeat term, as RepeatNet's repeat mode (Ren et al., 2019) but added to the logits: a
-        page already in the context gets repeat_w[age bucket of its latest visit] + repeat_w[-1] *
-        log(its visits so far), learned with the loss. A GPT with tied embeddings can echo its context
-        through attention, but not easily say "never again" (a rating log, where each item is rated
-        once) or "the page I was just on, again" (a repeat-heavy log); two offsets can.
-        idx (B, T); at (B, n): the positions whose next token is scored (None: every position).
-        Returns (pages, values), both (B, n, T): add with logits.scatter_add(-1, pages, values);
-        entry j is the page at position j if that is its latest visit up to the scored position
-        (values 0 and page 0 elsewhere, so each page appears once per row). None if the model has none."""
-        if self.repeat_w is None:
-            return None
+    def _scored(self, idx, at, keep):
+        """The positions whose next token is scored, as pairs (rows b, positions i), both (M,), and
+        the shape their terms take: every position (B, T), at (B, n), or the positions keep (B, T)
+        marks, in its order (N,)."""
         B, T = idx.shape
-        dev = idx.device
-        ar = torch.arange(T, device=dev)
+        if keep is not None:
+            b, i = keep.nonzero(as_tuple=True)
+            return b, i, (len(b),)
+        n = T if at is None else at.size(1)
+        b = torch.arange(B, device=idx.device).repeat_interleave(n)
+        i = torch.arange(T, device=idx.device).repeat(B) if at is None else at.reshape(-1)
+        return b, i, (B, n)
+
+    def repeat_stats(self, idx):
+        """What the repeat term reads at each position j of idx (B, T): nxt, the position of the
+        page's next visit (T if none), its visits up to j, and R[j] = sum over its visits k <= j of
+        gamma^(j - k) (None without repeat_decay), all (B, T). sessions.KVCache keeps them up to
+        date a token at a time instead of recomputing them over the whole window."""
+        B, T = idx.shape
+        ar = torch.arange(T, device=idx.device)
         same = idx[:, :, None] == idx[:, None, :]                                  # (B, T, T) symmetric
         later = ar[None, :] > ar[:, None]                                          # [j, k]: k after j
         again = same & later
         nxt = torch.where(again.any(2), again.to(torch.uint8).argmax(2), T)         # (B, T) j's next visit
         visits = (same & ~later.T).sum(1)                                          # (B, T) visits up to j
-        # (1 or B, n, 1) the scored positions: every position shares one (T, T) table of age buckets, so
-        # the bucket lookup and its gradient run over T x T entries, not B x T x T
-        i = ar[None, :, None] if at is None else at[:, :, None]
-        j = ar[None, None, :]
-        live = (j <= i) & (nxt[:, None, :] > i) & (idx[:, None, :] >= N_SPECIAL)  # (B, n, T)
+        R = None
+        if self.repeat_d is not None:   # exact in fp32 whatever the ages, elementwise (no bf16 matmul)
+            R = (same.float() * self.decay_table(T)).sum(2)                        # (B, T)
+        return nxt, visits, R
+
+    def decay_table(self, T):
+        """(T, T) [j, k]: gamma^(j - k) where k <= j, else 0 (the repeat term's decay, gamma learned)."""
+        lag = torch.arange(T, device=self.repeat_d.device).float()
+        lag = lag[:, None] - lag[None, :]
+        return torch.where(lag >= 0, (lag.clamp(min=0) * F.logsigmoid(self.repeat_d[0].float())).exp(), 0.0)
+
+    def repeat_terms(self, idx, at=None, keep=None, stats=None):
+        """The repeat term, as RepeatNet's repeat mode (Ren et al., 2019) but added to the logits: a
+        page already in the context gets repeat_w[age bucket of its latest visit] + repeat_w[-1] *
+        log(its visits so far), learned with the loss. A GPT with tied embeddings can echo its context
+        through attention, but not easily say "never again" (a rating log, where each item is rated
+        once) or "the page I was just on, again" (a repeat-heavy log); two offsets can.
+        idx (B, T); at (B, n): the positions whose next token is scored (None: every position), or
+        keep (B, T): the positions with a training target; stats: repeat_stats(idx), if known.
+        Returns (pages, values), both (B, n, T) ((N, T) with keep): add with
+        logits.scatter_add(-1, pages, values); entry j is the page at position j, its value 0
+        unless that is the page's latest visit up to the scored position. None if the model has none."""
+        if self.repeat_w is None:
+            return None
+        T = idx.size(1)
+        nxt, visits, R = self.repeat_stats(idx) if stats is None else stats
+        # the scored pairs (b, i), each a row of T entries: the per-row quantities are gathered by b
+        # and the (T, T) tables by i, so only the scored positions are computed (a training batch's
+        # padding is not) and the age buckets' gradient sums over a T x T table
+        b, i, shape = self._scored(idx, at, keep)
+        ar = torch.arange(T, device=idx.device)
+        pages = idx[b]                                                             # (M, T)
+        live = (ar[None, :] <= i[:, None]) & (nxt[b] > i[:, None]) & (pages >= N_SPECIAL)
+        lag = ar[:, None] - ar[None, :]                                            # (T, T): [i, j] = i - j
         w = self.repeat_w
-        vals = w[age_bucket(i - j + 1)] + w[-1] * visits.float().log()[:, None, :]
+        # (index_select, not indexing: its gradient adds in order, where indexing's scatters in parallel
+        # past a size and the weights' gradients would change from run to run in the last bits)
+        table = w.index_select(0, age_bucket(lag + 1).reshape(-1)).view(T, T)       # (T, T) by age i - j + 1
+        vals = table.index_select(0, i) + (w[-1] * visits.float().log()).index_select(0, b)
         if self.repeat_d is not None:   # + v * log(sum over the page's visits k <= i of gamma^(i - k))
-            # = v * ((i - j) log gamma + log R[j]) at the latest visit j, R[j] = sum over visits k <= j
-            # of gamma^(j - k) >= 1: exact in fp32 whatever the ages, elementwise (no bf16 matmul)
+            # = v * ((i - j) log gamma + log R[j]) at the latest visit j, R[j] >= 1
             log_gamma = F.logsigmoid(self.repeat_d[0].float())
-            lag = (ar[:, None] - ar[None, :]).float()                              # (T, T): j - k
-            G = torch.where(lag >= 0, (lag.clamp(min=0) * log_gamma).exp(), 0.0)   # [k <= j] gamma^(j - k)
-            R = (same.float() * G).sum(2)                                          # (B, T)
-            vals = vals + self.repeat_d[1] * ((i - j).float() * log_gamma + R.log()[:, None, :])
-        pages = torch.where(live, idx[:, None, :], 0)
-        return pages, torch.where(live, vals, 0.0)
+            vals = vals + self.repeat_d[1] * (lag.float()[i] * log_gamma + R.log().index_select(0, b))
+        vals = torch.where(live, vals, 0.0)
+        return pages.view(*shape, T), vals.view(*shape, T)
 
     @torch.no_grad()
     def set_transitions(self, nxt, count, p_pop):
@@ -449,7 +485,7 @@ class GPT(nn.Module):
         self.trans_count.copy_(torch.as_tensor(count))
         self.trans_logpop.copy_(torch.as_tensor(p_pop).clamp(min=1e-12).log())
 
-    def transition_terms(self, idx, at=None, targets=None):
+    def transition_terms(self, idx, at=None, targets=None, keep=None):
         """The transition term, a learned first-order Markov chain added to the logits: each page b
         that followed the scored position's token a in the training data, c(a, b) times, gets
         trans_w[0] * log(1 + c / (beta p_pop(b))) + trans_w[2 + bucket of c], beta = exp(trans_w[1]).
@@ -458,24 +494,30 @@ class GPT(nn.Module):
         in a big shop's catalogue, too few for its embedding to learn whom it follows, and the
         table holds them all. targets (B, T): training targets, which the table counts: each one's
         own event is left out (leave-one-out), else the model learns to trust counts of 1 that
-        unseen data never has. idx, at as repeat_terms. Returns (pages, values), both (B, n,
-        width), or None."""
+        unseen data never has. idx, at, keep as repeat_terms. Returns (pages, values), both (B, n,
+        width) ((N, width) with keep), or None."""
         if self.trans_w is None:
             return None
-        a = idx if at is None else idx.gather(1, at)                               # (B, n) the last tokens
-        pages = self.trans_next[a].long()                                          # (B, n, S)
+        if keep is not None:                                                       # (N,) the kept positions
+            a, targets = idx[keep], None if targets is None else targets[keep]
+        else:
+            a = idx if at is None else idx.gather(1, at)                           # (B, n) the last tokens
+        pages = self.trans_next[a].long()                                          # (B, n, S) or (N, S)
         c = self.trans_count[a]
         if targets is not None:
-            c = c - (pages == targets[:, :, None]).float()
+            c = c - (pages == targets[..., None]).float()
         w, seen, c1 = self.trans_w, c > 0, c.clamp(min=1.0)         # c1: finite logs at the unseen entries
         lift = F.softplus(c1.log() - w[1] - self.trans_logpop[pages])    # log(1 + c / (beta p))
-        vals = w[0] * lift + w[2:][age_bucket(c1.long())]
+        bucket = age_bucket(c1.long())
+        vals = w[0] * lift + w[2:].index_select(0, bucket.reshape(-1)).view(bucket.shape)   # in order: repeat_terms
         return torch.where(seen, pages, 0), torch.where(seen, vals, 0.0)
 
-    def sparse_terms(self, idx, at=None, targets=None):
-        """The repeat and transition terms together, (pages, values) (B, n, *): add with
-        logits.scatter_add(-1, pages, values) (a page may appear in both). None if neither."""
-        terms = [t for t in (self.repeat_terms(idx, at), self.transition_terms(idx, at, targets)) if t is not None]
+    def sparse_terms(self, idx, at=None, targets=None, keep=None, stats=None):
+        """The repeat and transition terms together, (pages, values) (B, n, *), or (N, *) with keep:
+        add with logits.scatter_add(-1, pages, values) (a page may appear in both). None if neither.
+        stats: the repeat term's repeat_stats(idx), where the caller keeps them (sessions.KVCache)."""
+        terms = [t for t in (self.repeat_terms(idx, at, keep, stats), self.transition_terms(idx, at, targets, keep))
+                 if t is not None]
         if len(terms) < 2:
             return terms[0] if terms else None
         return torch.cat([terms[0][0], terms[1][0]], -1), torch.cat([terms[0][1], terms[1][1]], -1)
@@ -529,8 +571,7 @@ class GPT(nn.Module):
         rows = keep.nonzero(as_tuple=True)[0]
         cid = None if cluster_ids is None else cluster_ids[rows]
         t = targets[keep]
-        rep = self.sparse_terms(idx, None, targets)
-        rep = None if rep is None else (rep[0][keep], rep[1][keep])                # (N, *)
+        rep = self.sparse_terms(idx, None, targets, keep)                           # (N, *)
         if not return_logits and negatives is not None:
             return None, self._sampled_loss(h[keep], t, cid, class_weight, logit_bias, rep, *negatives)
         if not return_logits:

@@ -179,7 +179,15 @@ class KVCache:
     def __init__(self, model, idx, lengths, cluster_ids=None):
         self.model, self.block = model, model.config.block_size
         dev = idx.device
-        self.ids, self.len = idx, torch.as_tensor(lengths, dtype=torch.long, device=dev)
+        self.len = torch.as_tensor(lengths, dtype=torch.long, device=dev)
+        # the tokens, at least block_size columns wide (PAD after each row's), and the repeat term's
+        # statistics over that window (model.GPT.repeat_stats), kept up to date by advance
+        self.ids = torch.cat([idx, idx.new_full((len(idx), max(0, self.block - idx.size(1))), PAD)], dim=1)
+        self.stats = None
+        if model.repeat_w is not None:
+            with torch.no_grad():
+                self.stats = list(model.repeat_stats(self.ids[:, :self.block]))
+                self.decay = None if model.repeat_d is None else model.decay_table(self.block)
         self.cid = None if cluster_ids is None else torch.as_tensor(cluster_ids, dtype=torch.long, device=dev)
         mixed = self.cid is not None and len(torch.unique(self.cid)) > 1
         if mixed and model.config.cluster_scope != 'norms':
@@ -203,7 +211,8 @@ class KVCache:
         if len(live):
             cid = None if self.cid is None else self.cid[live]
             zl = model.head(self.h_last[live, None], cid).float()                  # (n, 1, V)
-            rep = model.sparse_terms(self.ids[live, :self.block], (self.len[live] - 1)[:, None])
+            stats = None if self.stats is None else [None if x is None else x[live] for x in self.stats]
+            rep = model.sparse_terms(self.ids[live, :self.block], (self.len[live] - 1)[:, None], stats=stats)
             if rep is not None:
                 zl.scatter_add_(-1, rep[0], rep[1].float())
             z[live] = zl[:, 0]
@@ -221,6 +230,8 @@ class KVCache:
         keep = torch.as_tensor(keep, dtype=torch.long, device=self.ids.device)
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.ids.device)
         self.ids, self.len, self.valid = self.ids[keep], self.len[keep], self.valid[keep]
+        if self.stats is not None:
+            self.stats = [None if x is None else x[keep] for x in self.stats]
         if self.cid is not None:
             self.cid = self.cid[keep]
             self.k = self.cid if torch.is_tensor(self.k) else self.k
@@ -231,6 +242,8 @@ class KVCache:
             self.ids = torch.cat([self.ids, self.ids.new_full((B, 16), PAD)], dim=1)
         rows = torch.arange(B, device=self.ids.device)
         self.ids[rows, self.len] = tokens
+        if self.stats is not None:
+            self._count(tokens)
         pos = self.len.clamp(max=self.block - 1)     # full windows' positions are not used (logits)
         self.len = self.len + 1
         self.valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
@@ -240,6 +253,22 @@ class KVCache:
         self.model.eval()
         self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
         self.model.train(was)
+
+    def _count(self, tokens):
+        """The repeat term's statistics after each row's new token (at position len): what
+        repeat_stats would compute over the window, for the rows whose window is not full (the
+        others are scored without them). The stats are advance's fresh copies: updated in place."""
+        t = self.len.clamp(max=self.block - 1)                                     # (B,) the new positions
+        rows = torch.arange(len(t), device=t.device)
+        eq = self.ids[:, :self.block] == tokens[:, None]                           # (B, block) the page's visits
+        before = eq & (torch.arange(self.block, device=t.device)[None, :] < t[:, None])
+        nxt, visits, R = self.stats
+        nxt = torch.where(before & (nxt == self.block), t[:, None], nxt)           # earlier visits' next one
+        nxt[rows, t] = self.block
+        visits[rows, t] = before.sum(1) + 1
+        if R is not None:
+            R[rows, t] = (eq.float() * self.decay[t]).sum(1)
+        self.stats = [nxt, visits, R]
 
 
 class CachedLogp:

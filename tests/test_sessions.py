@@ -204,6 +204,12 @@ def test_cached_generation_scores_equal_the_uncached_ones(K, scope):
             seqs[active[j]].append(t)
         active = [active[j] for j in keep]
         cached.advance(keep, new)
+        for _, cache in cached.parts:   # the repeat term's statistics, kept a token at a time, are the window's
+            nxt, visits, R = model.repeat_stats(cache.ids[:, :cache.block])
+            for r in (cache.len <= cache.block).nonzero().flatten().tolist():
+                n = int(cache.len[r])
+                assert torch.equal(cache.stats[0][r, :n], nxt[r, :n]) and torch.equal(cache.stats[1][r, :n], visits[r, :n])
+                assert torch.allclose(cache.stats[2][r, :n], R[r, :n], atol=1e-6)
     assert model.training                                                      # the mode is restored
 
 
