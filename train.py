@@ -96,8 +96,8 @@ repeat_decay = True            # with repeat_bias: also log(sum of gamma^age ove
 transitions = -1               # data: the transition term, up to this many pages that followed each token in
                                #   the training data get a learned logit offset by their count (model.GPT.transition_terms;
                                #   32 where pages have few training events, else 0 = none)
-sampled_softmax = 0            # pages drawn per step (by popularity^0.75) for a sampled softmax in place of the
-                               #   full one, for big catalogues (model.GPT._sampled_loss); 0 = the full softmax
+sampled_softmax = -1           # data: pages drawn per step (by popularity^0.75) for a sampled softmax in place of
+                               #   the full one (model.GPT._sampled_loss; 1024 from 10,000 pages, else 0 = the full softmax)
 # AdamW
 learning_rate = 0.0            # data: peak learning rate
 max_iters = 0                  # data: from `epochs`; the time budget may shorten it

@@ -9,6 +9,7 @@ n_head = 2
 n_embd = 64
 dropout = 0.1
 transitions = 0        # the transition term came later (recipe.py turns it on for sparse catalogues)
+sampled_softmax = 0    # and the sampled softmax (on from 10,000 pages)
 learning_rate = 3e-3
 min_lr = 3e-4
 max_iters = 2000

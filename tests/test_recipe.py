@@ -1,6 +1,6 @@
 """recipe.py: settings derived from the data's statistics; explicit settings win."""
 import train
-from recipe import AUTO, derive, describe
+from recipe import AUTO, SAMPLED_MIN_PAGES, SAMPLED_PAGES, derive, describe
 
 
 def stats(**kw):
@@ -40,6 +40,11 @@ def test_more_data_more_iterations_and_a_big_catalogue_with_data_a_wider_model()
     assert sparse['transitions'] == 32 and shop['transitions'] == small['transitions'] == 0
     off, reasons = derive(dict(train.DEFAULTS, transitions=0), stats(pages=20_000, train_events=300_000))
     assert off['transitions'] == 0 and 'transitions' not in {k for k, _, _ in reasons}
+    # a sampled softmax from SAMPLED_MIN_PAGES pages on, the full softmax below
+    assert sparse['sampled_softmax'] == SAMPLED_PAGES and shop['sampled_softmax'] == small['sampled_softmax'] == 0
+    edge, _ = derive(dict(train.DEFAULTS), stats(pages=SAMPLED_MIN_PAGES - 1, train_events=300_000))
+    full, reasons = derive(dict(train.DEFAULTS, sampled_softmax=0), stats(pages=20_000, train_events=300_000))
+    assert edge['sampled_softmax'] == full['sampled_softmax'] == 0 and 'sampled_softmax' not in {k for k, _, _ in reasons}
 
 
 def test_explicit_settings_win():
@@ -48,3 +53,13 @@ def test_explicit_settings_win():
     assert (cfg['block_size'], cfg['dropout'], cfg['max_iters'], cfg['learning_rate']) == (100, 0.0, 7, 1e-4)
     assert not {'block_size', 'dropout', 'max_iters', 'learning_rate'} & {k for k, _, _ in reasons}
     assert cfg['min_lr'] == 1e-5 and cfg['eval_interval'] >= 1   # rules that depend on them follow them
+
+
+def test_a_negative_setting_other_than_from_the_data_is_a_one_line_error():
+    import pytest
+    from configurator import ConfigError
+    from recipe import check_config
+    check_config(dict(train.DEFAULTS))                  # -1: from the data
+    for k in ('sampled_softmax', 'transitions'):
+        with pytest.raises(ConfigError, match=f"--{k}=-2: must be >= 0"):
+            check_config(dict(train.DEFAULTS, **{k: -2}))
