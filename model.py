@@ -191,10 +191,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     shared head with per-cluster page biases: one pass, one gradient buffer, whatever the mix).
     rep_pages, rep_vals (N, *): a sparse term added to each row's logits (GPT.sparse_terms; the
     values are differentiable, their gradient is the logits' gradient gathered at the pages).
+    zt (N,): the sampled softmax (GPT._sampled_loss): W holds the drawn pages only, each row's
+    target scores zt (differentiable, from outside) beside them, and t is the column to leave out
+    (the target drawn again; -1 for none).
     Returns (weighted sum, per-row losses); only the sum is differentiable."""
 
     @staticmethod
-    def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None, rep_pages=None, rep_vals=None):
+    def forward(ctx, h, W, t, w, bias, need_grad, bias_rows=None, rep_pages=None, rep_vals=None, zt=None):
         N, V = h.size(0), W.size(0)
         n_rows = N
         cdt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
@@ -218,12 +221,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                     if rep_pages is not None:
                         rep_pages = torch.cat([rep_pages, rep_pages.new_zeros(pad, rep_pages.size(1))])
                         rep_vals = torch.cat([rep_vals, rep_vals.new_zeros(pad, rep_vals.size(1))])
+                    if zt is not None:
+                        zt = torch.cat([zt, zt.new_zeros(pad)])
                     N = N + pad
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gb = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
             gr = torch.empty(rep_vals.shape, dtype=torch.float32, device=h.device) if need_grad and rep_vals is not None else None
+            gzt = torch.empty(N, dtype=torch.float32, device=h.device) if need_grad and zt is not None else None
             for s in range(0, N, rows):
                 hc, tc = h[s:s + rows].to(cdt), t[s:s + rows]
                 z = (hc @ Wc.t()).float()                                  # (rows, V)
@@ -231,15 +237,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                     z += bias if bias_rows is None else bias[bias_rows[s:s + rows]]
                 if rep_pages is not None:
                     z.scatter_add_(1, rep_pages[s:s + rows], rep_vals[s:s + rows].float())
-                zt = z.gather(1, tc[:, None])
-                mx = z.amax(dim=1, keepdim=True)
+                if zt is None:
+                    zy = z.gather(1, tc[:, None])                          # the targets' scores
+                    mx = z.amax(dim=1, keepdim=True)
+                else:   # sampled: the target's score from outside, its drawn column left out
+                    zy = zt[s:s + rows, None].float()
+                    drawn = tc >= 0
+                    z[drawn.nonzero().flatten(), tc[drawn]] = -math.inf
+                    mx = torch.maximum(z.amax(dim=1, keepdim=True), zy)
                 z.sub_(mx).exp_()                                          # in place: one pass
                 se = z.sum(dim=1, keepdim=True)
-                losses[s:s + rows] = (mx + se.log() - zt).squeeze(1)       # logsumexp - z_t
+                if zt is not None:
+                    et = (zy - mx).exp()
+                    se = se + et
+                losses[s:s + rows] = (mx + se.log() - zy).squeeze(1)       # logsumexp - z_t
                 if need_grad:   # d/dz of w * CE = w * (softmax(z) - onehot(t))
                     wc = w[s:s + rows, None]
                     z.mul_(wc / se)
-                    z.scatter_add_(1, tc[:, None], -wc)
+                    if zt is None:
+                        z.scatter_add_(1, tc[:, None], -wc)
+                    else:
+                        gzt[s:s + rows] = (wc * (et / se - 1)).squeeze(1)
                     if gb is not None and bias_rows is None:
                         gb += z.sum(dim=0)
                     elif gb is not None:
@@ -254,18 +272,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                         gh[s:s + rows] = zc @ Wc
                         gW += zc.t() @ hc
         losses, w = losses[:n_rows], w[:n_rows]                            # without the padding rows
-        ctx.save_for_backward(None if gh is None else gh[:n_rows], gW, gb, None if gr is None else gr[:n_rows])
+        ctx.save_for_backward(None if gh is None else gh[:n_rows], gW, gb, None if gr is None else gr[:n_rows],
+                              None if gzt is None else gzt[:n_rows])
         ctx.dtypes = (h.dtype, W.dtype)
         ctx.mark_non_differentiable(losses)
         return (losses * w).sum(), losses
 
     @staticmethod
     def backward(ctx, g, _):
-        gh, gW, gb, gr = ctx.saved_tensors
+        gh, gW, gb, gr, gzt = ctx.saved_tensors
         if gh is None:
             raise RuntimeError("ChunkedCrossEntropy: gradients were not formed (forward ran without grad)")
         return ((gh * g).to(ctx.dtypes[0]), (gW * g).to(ctx.dtypes[1]), None, None, None if gb is None else gb * g,
-                None, None, None, None if gr is None else gr * g)
+                None, None, None, None if gr is None else gr * g, None if gzt is None else gzt * g)
 
 
 REPEAT_BUCKETS = 12   # ages of a page's latest visit: 1 (the last page), 2, 3, 4, 5-8, 9-16, ..., 257-512, more
@@ -626,26 +645,31 @@ class GPT(nn.Module):
             return h.sum() * 0.0 + self.lm_head.weight.sum() * 0.0   # nothing to learn here: 0, not NaN
         col = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=h.device)
         col[pages] = torch.arange(len(pages), device=h.device)     # page -> its column among the sample
+        bias = offsets if logit_bias is None else offsets + logit_bias[pages]      # (m,) no gradient
         split = [(None, None)] if self.lm_head.weight.dim() == 2 else self._groups(cid, h.size(0))
         total, nll = 0.0, 0.0
         for rows, k in split:                                       # scope 'all': each set's own head
             hk, tk, wk = (h, t, w) if rows is None else (h[rows], t[rows], w[rows])
             W = self.lm_head.weight if k is None else self.lm_head.weight[k]
-            zt = (hk * W[tk].to(hk.dtype)).sum(-1).float()                            # (n,) the targets
-            zn = (hk @ W[pages].to(hk.dtype).t()).float() + offsets                   # (n, m) the draws
+            # the targets' own scores (index_select: gradients added in order, as repeat_terms)
+            zt = (hk * W.index_select(0, tk).to(hk.dtype)).sum(-1).float()             # (n,)
             if logit_bias is not None:
-                zt, zn = zt + logit_bias[tk], zn + logit_bias[pages]
+                zt = zt + logit_bias[tk]
+            bk, brows = bias, None
             if self.page_bias is not None:                          # 'norms': each row's cluster bias
-                c = torch.as_tensor(cid, dtype=torch.long, device=h.device)
-                zt, zn = zt + self.page_bias[c, tk], zn + self.page_bias[c[:, None], pages[None, :]]
+                brows = torch.as_tensor(cid, dtype=torch.long, device=h.device)
+                zt = zt + self.page_bias[brows, tk]
+                bk = self.page_bias.index_select(1, pages) + bias                     # (K, m)
+            rp = rv = None
             if rep is not None:                                     # the sparse terms at the sampled pages
                 rp, rv = (rep[0], rep[1].float()) if rows is None else (rep[0][rows], rep[1][rows].float())
                 zt = zt + torch.where(rp == tk[:, None], rv, 0.0).sum(1)
                 c = col[rp]
-                zn = zn.scatter_add(1, c.clamp(min=0), torch.where(c >= 0, rv, 0.0))
-            zn = zn.masked_fill(pages[None, :] == tk[:, None], -math.inf)             # not the target again
-            losses = torch.logsumexp(torch.cat([zt[:, None], zn], 1), 1) - zt
-            total, nll = total + (losses * wk).sum(), nll + losses.detach().sum()
+                rp, rv = c.clamp(min=0), torch.where(c >= 0, rv, 0.0)
+            # the drawn pages as a small vocabulary, the target's drawn column (if any) left out
+            part, losses = ChunkedCrossEntropy.apply(hk, W.index_select(0, pages), col[tk], wk, bk,
+                                                     torch.is_grad_enabled(), brows, rp, rv, zt)
+            total, nll = total + part, nll + losses.sum()
         self.last_nll = nll / t.numel()
         return total / denom
 

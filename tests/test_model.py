@@ -1,4 +1,5 @@
 """model.py: causality, right padding, loss only at real targets."""
+import contextlib
 import pytest
 import torch
 from torch.nn import functional as F
@@ -189,6 +190,25 @@ def test_sampled_softmax_over_every_page_is_the_full_softmax(K, scope, repeat, t
         assert abs(runs[0][0] - runs[1][0]) < 1e-5 and abs(runs[0][1] - runs[1][1]) < 1e-5
         for a, b in zip(runs[0][2], runs[1][2]):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sampled_softmax_in_bf16_is_the_fp32_loss_to_rounding():
+    # under bf16 autocast the chunked loss pads rows to whole chunks: the padding must not count
+    from model import draw_negatives, sampling_weights
+    import numpy as np
+    m = random_terms(tiny(vocab_size=300, repeat_bias=True, repeat_decay=True, transitions=4).train())
+    idx, tgt = torch.randint(0, 30, (4, 16)), torch.randint(4, 300, (4, 16))
+    tgt[1, 9:] = -1
+    neg = draw_negatives(sampling_weights(np.ones(300)), 64, torch.Generator().manual_seed(0))
+    runs = []
+    for ctx in (contextlib.nullcontext(), torch.autocast('cpu', dtype=torch.bfloat16)):
+        m.zero_grad()
+        with ctx:
+            _, loss = m(idx, tgt, return_logits=False, negatives=neg)
+        loss.backward()
+        runs.append((loss.item(), torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])))
+    assert abs(runs[0][0] - runs[1][0]) < 0.02 * abs(runs[0][0])
+    assert torch.nn.functional.cosine_similarity(runs[0][1], runs[1][1], dim=0) > 0.99
 
 
 def test_draw_negatives_importance_weights():
