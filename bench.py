@@ -62,12 +62,14 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 # (n_layer, n_head, n_embd, block_size, vocab_size, batch rows): tiny = train.py's default model
 PRESETS = {'tiny': (2, 2, 64, 50, 3300, 128), 'small': (4, 4, 128, 200, 3300, 32), 'medium': (6, 6, 384, 256, 3300, 16)}
 COLUMNS = ('name', 'dtype', 'value', 'unit', 'gflops', 'peak_share', 'mem_mb', 'note')
-# (log, n_embd, block_size, vocabulary, transitions) train.py derives with no flags on each development
-# log (recipe.py; the README's results table): 2 blocks, heads of 32, batches of max(4096, 16 x block)
-# tokens, the repeat term on, the transition term where pages have few training events
-RECIPE_SHAPES = (('built-in', 64, 64, 438, 0), ('BMS', 64, 32, 488, 0), ('MSNBC', 64, 32, 21, 0),
-                 ('Online Retail', 128, 128, 3665, 0), ('sparse shop', 64, 32, 19580, 32),
-                 ('MovieLens-100K', 128, 128, 1682, 0), ('Wikipedia', 128, 64, 1004, 0), ('repeat shop', 64, 128, 1002, 0))
+# (log, n_embd, block_size, vocabulary, transitions, sampled softmax) train.py derives with no flags on
+# each development log (recipe.py; the README's results table): 2 blocks, heads of 32, batches of
+# max(4096, 16 x block) tokens, the repeat term on, the transition term where pages have few training
+# events, a sampled softmax from 10,000 pages
+RECIPE_SHAPES = (('built-in', 64, 64, 438, 0, 0), ('BMS', 64, 32, 488, 0, 0), ('MSNBC', 64, 32, 21, 0, 0),
+                 ('Online Retail', 128, 128, 3665, 0, 0), ('sparse shop', 64, 32, 19580, 32, 1024),
+                 ('MovieLens-100K', 128, 128, 1682, 0, 0), ('Wikipedia', 128, 64, 1004, 0, 0),
+                 ('repeat shop', 64, 128, 1002, 0, 0))
 
 
 def hardware(dev):
@@ -429,7 +431,8 @@ def load_nanogpt(path):
 
 def bench_vs_nanogpt(cfg, dev, dtype):
     """Training steps of our GPT as train.py builds it with no flags (the repeat term, and the
-    transition term where the recipe turns it on, with a random table) and of nanoGPT's GPT (its forward with targets: the
+    transition term and the sampled softmax where the recipe turns them on, with a random table and
+    one draw of pages) and of nanoGPT's GPT (its forward with targets: the
     full (B, T, V) logits and F.cross_entropy; its configure_optimizers) on the same batches of
     random pages, at each shape of RECIPE_SHAPES, in `dtype` (what --dtype=auto picks here), gradient
     clipping at 1.0 for both; and ours without the repeat term (its cost grows with the context).
@@ -437,18 +440,19 @@ def bench_vs_nanogpt(cfg, dev, dtype):
     import io
     from contextlib import redirect_stdout
     import train
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, draw_negatives
     nano = load_nanogpt(cfg['nanogpt'])
     device_type = dev.split(':')[0]
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     steps, rows = cfg['nanogpt_steps'], []
-    for name, C, T, V, S in RECIPE_SHAPES:
+    for name, C, T, V, S, M in RECIPE_SHAPES:
         B = max(4096, 16 * T) // T
         g = torch.Generator().manual_seed(cfg['seed'])
         batch = torch.randint(4, V, (B, T + 1), generator=g)
         x, y = batch[:, :-1].contiguous().to(dev), batch[:, 1:].contiguous().to(dev)   # nanoGPT views targets
         table = (torch.randint(3, V, (V, S), generator=g).int(), torch.randint(0, 5, (V, S), generator=g).float(),
                  torch.full((V,), 1.0 / V)) if S else None
+        neg = {} if not M else {'negatives': tuple(a.to(dev) for a in draw_negatives(torch.full((V,), 1.0 / V), M, g))}
 
         def build(**terms):   # ours as the recipe builds it; bare: the same without the repeat term
             torch.manual_seed(cfg['seed'])
@@ -474,8 +478,8 @@ def bench_vs_nanogpt(cfg, dev, dtype):
             opt_theirs.step()
             opt_theirs.zero_grad(set_to_none=True)
 
-        fns = {'ours': lambda: train_step(ours, opt_ours, x, y, clip=1.0, autocast=autocast), 'nanoGPT': step_theirs,
-               'bare': lambda: train_step(bare, opt_bare, x, y, clip=1.0, autocast=autocast)}
+        fns = {'ours': lambda: train_step(ours, opt_ours, x, y, clip=1.0, autocast=autocast, **neg), 'nanoGPT': step_theirs,
+               'bare': lambda: train_step(bare, opt_bare, x, y, clip=1.0, autocast=autocast, **neg)}
         best = {}
         for k, fn in fns.items():
             timed(fn, cfg['warmup'], dev)
@@ -485,7 +489,7 @@ def bench_vs_nanogpt(cfg, dev, dtype):
         tok = {k: B * T / v for k, v in best.items()}
         rows.append(dict(name=f'vs nanoGPT: {name}', dtype='bf16' if dtype == 'bfloat16' else 'fp32',
                          value=tok['ours'] / tok['nanoGPT'], unit='x nanoGPT',
-                         note=f"C{C} T{T} V{V} B{B}{f' S{S}' if S else ''}: {tok['ours']:,.0f} vs {tok['nanoGPT']:,.0f} tokens/s "
+                         note=f"C{C} T{T} V{V} B{B}{f' S{S}' if S else ''}{f' M{M}' if M else ''}: {tok['ours']:,.0f} vs {tok['nanoGPT']:,.0f} tokens/s "
                               f"({1e3 * best['ours']:.0f} vs {1e3 * best['nanoGPT']:.0f} ms/step; ours without the "
                               f"repeat term {1e3 * best['bare']:.0f} ms, {best['nanoGPT'] / best['bare']:.2f}x)"))
         print(format_table(rows[-1:]).split('\n')[1], flush=True)

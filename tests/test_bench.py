@@ -94,11 +94,12 @@ class GPT(torch.nn.Module):
 def test_against_nanogpt_at_the_recipe_shapes(tmp_path, monkeypatch, capsys):
     # one row per recipe shape: our model (its default terms on) and nanoGPT's on the same batches
     (tmp_path / 'model.py').write_text(NANO_STANDIN)
-    monkeypatch.setattr(bench, 'RECIPE_SHAPES', (('tiny log', 32, 32, 300, 8),))
+    monkeypatch.setattr(bench, 'RECIPE_SHAPES', (('tiny log', 32, 32, 300, 8, 0), ('big log', 32, 32, 300, 0, 64)))
     cfg = dict(bench.DEFAULTS, nanogpt=str(tmp_path), nanogpt_steps=1, warmup=1, seed=0)
     rows = bench.bench_vs_nanogpt(cfg, 'cpu', 'float32')
-    assert len(rows) == 1 and rows[0]['name'] == 'vs nanoGPT: tiny log' and rows[0]['value'] > 0
-    assert rows[0]['note'].startswith('C32 T32 V300 B128 S8: ') and 'number of parameters' not in capsys.readouterr().out
+    assert len(rows) == 2 and rows[0]['name'] == 'vs nanoGPT: tiny log' and all(r['value'] > 0 for r in rows)
+    assert rows[0]['note'].startswith('C32 T32 V300 B128 S8: ') and rows[1]['note'].startswith('C32 T32 V300 B128 M64: ')
+    assert 'number of parameters' not in capsys.readouterr().out
     with pytest.raises(bench.ConfigError, match='nanogpt=.*not found'):
         bench.load_nanogpt(str(tmp_path / 'nowhere'))
     (tmp_path / 'model.txt').write_text('x = 1\n')
