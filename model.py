@@ -227,7 +227,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             gh = torch.empty(N, h.size(1), dtype=torch.float32, device=h.device) if need_grad else None
             gW = torch.zeros(V, W.size(1), dtype=torch.float32, device=h.device) if need_grad else None
-            gb = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None
+            gb = (torch.zeros(bias.shape, dtype=torch.float32, device=h.device)
+                  if need_grad and bias is not None and ctx.needs_input_grad[4] else None)   # not for constant offsets
             gr = torch.empty(rep_vals.shape, dtype=torch.float32, device=h.device) if need_grad and rep_vals is not None else None
             gzt = torch.empty(N, dtype=torch.float32, device=h.device) if need_grad and zt is not None else None
             for s in range(0, N, rows):
@@ -484,8 +485,8 @@ class GPT(nn.Module):
         live = (ar[None, :] <= i[:, None]) & (nxt[b] > i[:, None]) & (pages >= N_SPECIAL)
         lag = ar[:, None] - ar[None, :]                                            # (T, T): [i, j] = i - j
         w = self.repeat_w
-        # (index_select, not indexing: its gradient adds in order, where indexing's scatters in parallel
-        # past a size and the weights' gradients would change from run to run in the last bits)
+        # (index_select, not indexing: on CPU its gradient adds in order, where indexing's scatters in
+        # parallel past a size and the weights' gradients would change from run to run in the last bits)
         table = w.index_select(0, age_bucket(lag + 1).reshape(-1)).view(T, T)       # (T, T) by age i - j + 1
         vals = table.index_select(0, i) + (w[-1] * visits.float().log()).index_select(0, b)
         if self.repeat_d is not None:   # + v * log(sum over the page's visits k <= i of gamma^(i - k))

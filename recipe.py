@@ -33,6 +33,7 @@ AUTO = {'block_size': 0, 'n_layer': 0, 'n_head': 0, 'n_embd': 0, 'dropout': -1.0
 SPARSE_PER_PAGE = 50   # training events per page below which the transition term is on (docs/recipe.md)
 SAMPLED_MIN_PAGES = 10_000   # pages from which a sampled softmax replaces the full one (docs/performance.md)
 SAMPLED_PAGES = 1024         # and the pages it draws per step
+OLDER_RUNS = {'sampled_softmax': 0}   # what a run we continue had, where its checkpoint predates the setting
 
 
 def data_stats(data):
@@ -85,9 +86,9 @@ def derive(cfg, s):
     sparse = per_page < SPARSE_PER_PAGE
     rule('transitions', 32 if sparse else 0, f"{per_page:,.0f} training events per page: "
          + ("too few to learn whom each page follows" if sparse else f"at least {SPARSE_PER_PAGE}, the GPT learns it"))
-    # the loss: a catalogue of tens of thousands of pages makes the full softmax most of a step; a
-    # sampled one (model.GPT._sampled_loss) trains 3x faster there to the same validation (the
-    # sparse shop, 19,576 pages: 45,000 against 14,500 target tokens/s); with a few thousand pages it
+    # the loss: a catalogue of over 10,000 pages makes the full softmax most of a step; a sampled one
+    # (model.GPT._sampled_loss) trains 3.6x faster there to the same validation (the sparse shop,
+    # 19,576 pages: about 51,600 against 14,100 target tokens/s); with a few thousand pages it
     # gained 1.1x and validated lower (Online Retail, 3,661 pages)
     big = s['pages'] >= SAMPLED_MIN_PAGES
     rule('sampled_softmax', SAMPLED_PAGES if big else 0, f"{s['pages']:,} pages: "
@@ -167,8 +168,8 @@ def fill_settings(cfg, data, prior, master):
     if prior is not None:
         reasons = [r for r in prior.get('derived', []) if cfg[r[0]] == AUTO[r[0]]]
         for k, auto in AUTO.items():
-            if cfg[k] == auto and k in prior['config']:
-                cfg[k] = prior['config'][k]
+            if cfg[k] == auto and (k in prior['config'] or k in OLDER_RUNS):
+                cfg[k] = prior['config'].get(k, OLDER_RUNS.get(k))
     if any(cfg[k] == auto for k, auto in AUTO.items()):
         stats = data_stats(data)
         cfg, new = derive(cfg, stats)

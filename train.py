@@ -289,6 +289,8 @@ class Run(Machinery):
                 cfg[k] = prior['model_args'].get(k, OLDER_CHECKPOINTS.get(k, DEFAULTS[k]))
         if cfg['stage'] == 2 and cfg['eval_interval'] == AUTO['eval_interval']:
             cfg['eval_interval'] = max(1, cfg['stage2_iters'] // 2)
+        if cfg['stage'] == 2 and cfg['sampled_softmax'] == AUTO['sampled_softmax']:
+            cfg['sampled_softmax'] = 0    # one target per window: the full softmax is cheap (the sampled one is unmeasured there)
         filled, self.derived, self.stats = fill_settings(cfg, self.data, prior, self.talk)
         cfg.update(filled)                # one config dict for the whole run
         if cfg['stage'] == 2:  # a short fine-tuning at a lower learning rate

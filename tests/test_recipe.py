@@ -63,3 +63,11 @@ def test_a_negative_setting_other_than_from_the_data_is_a_one_line_error():
     for k in ('sampled_softmax', 'transitions'):
         with pytest.raises(ConfigError, match=f"--{k}=-2: must be >= 0"):
             check_config(dict(train.DEFAULTS, **{k: -2}))
+
+
+def test_a_run_from_before_the_sampled_softmax_continues_with_the_full_one():
+    from recipe import fill_settings
+    done, _ = derive(dict(train.DEFAULTS), stats(pages=20_000, train_events=300_000))
+    old = {k: done[k] for k in AUTO if k != 'sampled_softmax'}      # a checkpoint's config without the key
+    cfg, reasons, read = fill_settings(dict(train.DEFAULTS), None, {'config': old, 'derived': []}, False)
+    assert cfg['sampled_softmax'] == 0 and read is None and done['sampled_softmax'] == SAMPLED_PAGES
