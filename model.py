@@ -121,12 +121,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, k=0, cache=None):
+    def forward(self, x, k=0, cache=None, last=False):
+        """last: the last position's output only (its query sees every key): (B, 1, C)."""
         B, T, C = x.size()
         q, kk, v = self.c_attn(x, k).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         kk = kk.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if last:
+            q, T = q[:, :, -1:], 1
         mask = None
         if cache is not None:   # generation (KVCache): this layer's keys and values so far, kept
             if 'k' in cache:
@@ -140,7 +143,7 @@ class CausalSelfAttention(nn.Module):
             if fp32_attention:
                 q, kk, v = q.float(), kk.float(), v.float()
             y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=mask is None)    # (B, nh, T, hs)
+                                               is_causal=mask is None and not last)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y, k))
 
@@ -167,8 +170,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, n_norm_sets)
         self.mlp = MLP(config, n_sets)
 
-    def forward(self, x, k=0, cache=None):
-        x = x + self.attn(self.ln_1(x, k), k, cache)
+    def forward(self, x, k=0, cache=None, last=False):
+        x = (x[:, -1:] if last else x) + self.attn(self.ln_1(x, k), k, cache, last)
         x = x + self.mlp(self.ln_2(x, k), k)
         return x
 
@@ -381,31 +384,34 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def hidden_states(self, idx, cluster_ids=None):
+    def hidden_states(self, idx, cluster_ids=None, last=False):
         """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm; row b uses the
-        parameter set cluster_ids[b] (a batch may mix clusters: rows are grouped by set)."""
+        parameter set cluster_ids[b] (a batch may mix clusters: rows are grouped by set).
+        last: the last position's only, (B, 1, C) (the last block's queries and MLP run there only)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
         groups = self._groups(cluster_ids, B)
         if len(groups) > 1 and self.config.cluster_scope == 'norms':   # only the gains differ: one pass
-            return self._trunk(idx, torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device).reshape(-1))
+            return self._trunk(idx, torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device).reshape(-1),
+                               last=last)
         if len(groups) > 1:
             out = None
             for rows, k in groups:
-                h = self._trunk(idx[rows.to(idx.device)], k)
-                out = h.new_empty(B, T, h.size(-1)) if out is None else out
+                h = self._trunk(idx[rows.to(idx.device)], k, last=last)
+                out = h.new_empty(B, *h.shape[1:]) if out is None else out
                 out[rows.to(idx.device)] = h
             return out
-        return self._trunk(idx, groups[0][1])
+        return self._trunk(idx, groups[0][1], last=last)
 
-    def _trunk(self, idx, k, pos=None, caches=None):
-        """pos: each token's position (default 0..T-1); caches: one dict per layer (KVCache)."""
+    def _trunk(self, idx, k, pos=None, caches=None, last=False):
+        """pos: each token's position (default 0..T-1); caches: one dict per layer (KVCache);
+        last: the last block at the last position only."""
         t = self.transformer
         if pos is None:
             pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
         x = t.drop(t.wte(idx, k) + t.wpe(pos, k))          # (B, T, C)
         for i, block in enumerate(t.h):
-            x = block(x, k, None if caches is None else caches[i])
+            x = block(x, k, None if caches is None else caches[i], last and i == len(t.h) - 1)
         return t.ln_f(x, k)
 
     def head(self, h, cluster_ids=None):
@@ -548,13 +554,15 @@ class GPT(nn.Module):
         return z if rep is None else z.scatter_add(-1, rep[0], rep[1].to(z.dtype))
 
     @torch.no_grad()
-    def next_logits(self, idx, at, cluster_ids=None, rows=None):
+    def next_logits(self, idx, at, cluster_ids=None, rows=None, last=False):
         """Scores of the next page, the one "contexts -> logits" of every reader (evaluation, the
         session task, sample.py, predict.py, HeTLM's set choice; generation adds a cache: KVCache): idx (B, T) contexts right-padded
         with PAD (causal attention: a real position never sees the pads), at (B, n) the positions
         whose next token is scored. Returns float logits (B, n, V), the repeat and transition terms included, with
         dropout off. rows: contexts per pass of the trunk (bounds the (rows, T, 4C) activations);
-        the head then runs once on all the gathered positions."""
+        the head then runs once on all the gathered positions. last: at is every row's last
+        position (generation over full windows, sessions.KVCache): the last block computes that
+        position only, the same scores to rounding."""
         was_training = self.training
         self.eval()
         B = idx.size(0)
@@ -564,8 +572,8 @@ class GPT(nn.Module):
         h_at, reps = [], []
         for s in range(0, B, rows):
             cid = None if cluster_ids is None else cluster_ids[s:s + rows]
-            h = self.hidden_states(idx[s:s + rows], cid)                              # (rows, T, C)
-            h_at.append(h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])   # (rows, n, C)
+            h = self.hidden_states(idx[s:s + rows], cid, **({'last': True} if last else {}))   # (rows, T or 1, C)
+            h_at.append(h if last else h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])
             reps.append(self.sparse_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, *) or None
         z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
         if reps[0] is not None:                                                      # the pages already seen or likely next

@@ -221,7 +221,7 @@ class KVCache:
             cols = self.len[over, None] - self.block + torch.arange(self.block, device=z.device)[None, :]
             win = self.ids[over[:, None], cols]                                    # (n, block) the last tokens
             at = torch.full((len(over), 1), self.block - 1, dtype=torch.long, device=z.device)
-            z[over] = model.next_logits(win, at, None if self.cid is None else self.cid[over])[:, 0]
+            z[over] = model.next_logits(win, at, None if self.cid is None else self.cid[over], last=True)[:, 0]
         return z
 
     @torch.no_grad()

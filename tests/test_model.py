@@ -426,3 +426,15 @@ def test_dtype_auto_picks_bf16_only_with_amx_or_avx512_bf16(monkeypatch):
     assert M.pick_dtype('auto', 'cpu') == ('bfloat16', 'the CPU has amx_bf16')
     monkeypatch.setattr(M, 'cpu_flags', lambda: set())
     assert M.pick_dtype('auto', 'cpu')[0] == 'float32'
+
+
+@pytest.mark.parametrize("K,scope", [(1, 'all'), (3, 'all'), (3, 'norms')])
+def test_last_position_only_scores_as_the_whole_window(K, scope):
+    # next_logits(last=True) (generation over full windows) runs the last block at the last position
+    # only: the same scores as the whole window, to rounding
+    m = random_terms(tiny(vocab_size=50, n_clusters=K, cluster_scope=scope, repeat_bias=True, repeat_decay=True))
+    idx = torch.randint(4, 50, (5, 16))
+    at = torch.full((5, 1), 15)
+    cid = torch.tensor([0, 1, 2, 1, 0]) % K if K > 1 else None
+    full, last = m.next_logits(idx, at, cid), m.next_logits(idx, at, cid, last=True)
+    assert last.shape == full.shape == (5, 1, 50) and torch.allclose(full, last, atol=1e-5)
