@@ -572,7 +572,7 @@ class GPT(nn.Module):
         h_at, reps = [], []
         for s in range(0, B, rows):
             cid = None if cluster_ids is None else cluster_ids[s:s + rows]
-            h = self.hidden_states(idx[s:s + rows], cid, **({'last': True} if last else {}))   # (rows, T or 1, C)
+            h = self.hidden_states(idx[s:s + rows], cid, last)                        # (rows, T or 1, C)
             h_at.append(h if last else h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])
             reps.append(self.sparse_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, *) or None
         z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)

@@ -182,9 +182,10 @@ class StandIn(torch.nn.Module):
         self.emb = torch.nn.Embedding(V, C)
         self.out = torch.nn.Linear(C, V)
 
-    def hidden_states(self, idx, cluster_ids=None):
+    def hidden_states(self, idx, cluster_ids=None, last=False):
         x = self.emb(idx).cumsum(1)                                  # (B, T, C)
-        return x / torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
+        x = x / torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
+        return x[:, -1:] if last else x
 
     def head(self, h, cluster_ids=None):
         logits = self.out(h)
