@@ -11,11 +11,14 @@ that an int is accepted for a float (`--learning_rate=1`) and 0/1/true/false for
 Used by train.py, sample.py, cluster.py:
     config = parse_config(defaults, sys.argv[1:])
 
-Also the scripts' progress reports (`Progress`): a tqdm bar on a terminal, plain lines elsewhere.
+Also the scripts' progress reports (`Progress`): a tqdm bar on a terminal, plain lines elsewhere;
+and, for every script's main, glibc's malloc set to keep freed memory (`keep_freed_memory`).
 """
 
 import ast
+import ctypes
 import os
+import platform
 import sys
 import time
 from contextlib import contextmanager
@@ -163,14 +166,42 @@ def usage(module, defaults):
     return "\n".join(text)
 
 
+MMAP_THRESHOLD = 32 << 20    # bytes: glibc's largest; blocks above it still go straight back to the kernel
+TRIM_THRESHOLD = 1 << 30     # bytes of free memory at the heap's top kept for reuse
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep the memory a training step frees for the next step, instead of
+    handing it back to the kernel. By default glibc maps large blocks (from 128 KB, a threshold it
+    raises as such blocks are freed) straight from the kernel and unmaps them when freed, and trims
+    the heap once its free top passes twice that threshold, so a step's activations come back as
+    fresh pages that the kernel maps and zeroes one fault at a time; the OpenMP
+    threads that write them queue on the process's memory lock (gelu's backward ran at one
+    thread's speed). Measured on a 2-core AMD EPYC (docs/performance.md): at the recipe's shapes,
+    in one process, nanoGPT's training step 12-22% shorter with it and ours 0-4% (the chunked loss
+    allocates little); a 300-iteration run on the built-in data 3-5% shorter (its evaluations),
+    the training loop itself unchanged. Numerics unchanged.
+    Linux with glibc only (elsewhere nothing); returns whether it was set."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # malloc.h; setting either ends glibc's own adjusting
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def run_main(run, defaults, argv, errors=()):
     """A script's main: parse argv over `defaults`, call run(config). A ConfigError, one of
     `errors` (e.g. data.DataError), or an OSError naming a path is printed as one line and exits
     with status 2, no traceback; Ctrl-C prints one line and exits with 130.
-    -h / --help prints the script's docstring and settings."""
+    -h / --help prints the script's docstring and settings. Freed memory is kept for reuse
+    (keep_freed_memory)."""
     if any(a in ('-h', '--help') for a in argv):
         print(usage(sys.modules.get(run.__module__), defaults))
         return None
+    keep_freed_memory()
     try:
         return run(parse_config(defaults, argv))
     except (ConfigError, *errors) as e:
