@@ -564,7 +564,8 @@ class GPT(nn.Module):
         position (generation over full windows, sessions.KVCache): the last block computes that
         position only, the same scores to rounding."""
         was_training = self.training
-        self.eval()
+        if was_training:      # switching walks every module: not at each of generation's steps
+            self.eval()
         B = idx.size(0)
         rows = rows or B
         if cluster_ids is not None:
@@ -578,7 +579,8 @@ class GPT(nn.Module):
         z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
         if reps[0] is not None:                                                      # the pages already seen or likely next
             z.scatter_add_(-1, torch.cat([p for p, _ in reps]), torch.cat([v for _, v in reps]).float())
-        self.train(was_training)
+        if was_training:
+            self.train()
         return z
 
     def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None,

@@ -196,10 +196,12 @@ class KVCache:
         self.valid = torch.arange(idx.size(1), device=dev)[None, :] < self.len[:, None]   # (B, S) keys seen
         self.caches = [{} for _ in model.transformer.h]
         was = model.training
-        model.eval()
+        if was:                # switching walks every module: only when needed (as next_logits)
+            model.eval()
         with torch.no_grad():
             h = model._trunk(idx, self.k, caches=self.caches)                        # (B, T, C)
-        model.train(was)
+        if was:
+            model.train()
         self.h_last = h[torch.arange(len(idx), device=dev), self.len - 1]          # (B, C)
 
     @torch.no_grad()
@@ -250,9 +252,11 @@ class KVCache:
         for c in self.caches:
             c['mask'] = self.valid[:, None, None, :]
         was = self.model.training
-        self.model.eval()
+        if was:
+            self.model.eval()
         self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
-        self.model.train(was)
+        if was:
+            self.model.train()
 
     def _count(self, tokens):
         """The repeat term's statistics after each row's new token (at position len): what
