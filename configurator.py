@@ -178,8 +178,8 @@ def keep_freed_memory():
     fresh pages that the kernel maps and zeroes one fault at a time; the OpenMP
     threads that write them queue on the process's memory lock (gelu's backward ran at one
     thread's speed). Measured on a 2-core AMD EPYC (docs/performance.md): at the recipe's shapes,
-    in one process, nanoGPT's training step 12-22% shorter with it and ours 0-4% (the chunked loss
-    allocates little); a 300-iteration run on the built-in data 3-5% shorter (its evaluations),
+    in one process, nanoGPT's training step 13-26% shorter with it and ours mostly 0-6% (the
+    chunked loss allocates little); a 300-iteration run on the built-in data 3-5% shorter (its evaluations),
     the training loop itself unchanged. Numerics unchanged.
     Linux with glibc only (elsewhere nothing); returns whether it was set."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
