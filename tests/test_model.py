@@ -438,3 +438,44 @@ def test_last_position_only_scores_as_the_whole_window(K, scope):
     cid = torch.tensor([0, 1, 2, 1, 0]) % K if K > 1 else None
     full, last = m.next_logits(idx, at, cid), m.next_logits(idx, at, cid, last=True)
     assert last.shape == full.shape == (5, 1, 50) and torch.allclose(full, last, atol=1e-5)
+
+
+@pytest.mark.parametrize('p', [0.1, 0.25, 0.5])
+def test_dropout_masks_keep_each_element_with_probability_1_minus_p(p):
+    import model
+    torch.manual_seed(0)
+    keep, scale = model.keep_mask((1000, 1000), p, 'cpu')
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    lanes = keep.view(-1, 4).float().mean(0)            # the four 16-bit parts of each 64-bit draw
+    assert (lanes - (1 - p)).abs().max() < 0.003
+    assert abs(scale - 1 / (1 - round(p * 65536) / 65536)) < 1e-12 and abs(scale * (1 - p) - 1) < 1e-4
+    torch.manual_seed(0)
+    assert torch.equal(model.keep_mask((1000, 1000), p, 'cpu')[0], keep)     # the seed decides the mask
+
+
+def test_dropout_scales_kept_elements_and_their_gradient():
+    import model
+    torch.manual_seed(0)
+    x = (torch.rand(64, 4096) + 0.5).requires_grad_()
+    d = model.Dropout(0.25).train()
+    y = d(x)
+    kept = y != 0
+    scale = 1 / (1 - round(0.25 * 65536) / 65536)
+    assert torch.allclose(y[kept], x[kept] * scale) and abs(kept.float().mean().item() - 0.75) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * scale)
+    assert torch.equal(d.eval()(x), x)                                        # off outside training
+
+
+def test_attention_with_dropout_is_attention_when_every_weight_is_kept(monkeypatch):
+    # the CPU training path computes attention by hand to use keep_mask; with a mask keeping every
+    # weight it must give what scaled_dot_product_attention gives
+    import model
+    torch.manual_seed(0)
+    att = model.CausalSelfAttention(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=32, dropout=0.3))
+    x = torch.randn(3, 16, 32)
+    expected = att.eval()(x)
+    monkeypatch.setattr(model, 'keep_mask', lambda shape, p, device: (torch.ones(shape, dtype=torch.bool), 1.0))
+    att.train()
+    att.resid_dropout.p = 0.0
+    assert torch.allclose(att(x), expected, atol=1e-6)
