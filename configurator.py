@@ -16,7 +16,6 @@ and, for every script's main, glibc's malloc set to keep freed memory (`keep_fre
 """
 
 import ast
-import ctypes
 import os
 import platform
 import sys
@@ -116,6 +115,25 @@ def parse_config(defaults, argv):
     return config
 
 
+MMAP_THRESHOLD = 32 << 20    # bytes: glibc's largest; blocks above it still go straight back to the kernel
+TRIM_THRESHOLD = 1 << 30     # bytes of free memory at the heap's top kept for reuse
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt's parameters (malloc.h)
+MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')
+
+
+def glibc_malloc():
+    """glibc's (mallopt, malloc_trim), or None: not Linux with glibc, or the user set malloc's
+    thresholds in the environment (MALLOC_ENV: theirs win)."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc' or any(k in os.environ for k in MALLOC_ENV):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 @contextmanager
 def compact_heap(threshold=4 << 20):
     """Scoring loops allocate (users x pages) blocks of a new size at every batch. glibc's malloc
@@ -125,22 +143,16 @@ def compact_heap(threshold=4 << 20):
     above it are mapped and given back when freed). A 4 MB threshold during training cost 20% of
     its speed (docs/performance.md), so on exit the threshold goes to 32 MB, where glibc's own
     rule ends up (fixed from then on: training after a validation ran at the same speed and peak
-    as before) and the free heap is returned. A user's MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES
-    wins; elsewhere than glibc this does nothing."""
-    mallopt = trim = None
-    if 'MALLOC_MMAP_THRESHOLD_' not in os.environ and 'GLIBC_TUNABLES' not in os.environ:
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None)
-            mallopt, trim = libc.mallopt, libc.malloc_trim
-            mallopt(-3, int(threshold))                        # -3: M_MMAP_THRESHOLD (malloc.h)
-        except (OSError, AttributeError, TypeError):
-            mallopt = trim = None
+    as before) and the free heap is returned. Settings of the user's (glibc_malloc) win;
+    elsewhere than glibc this does nothing."""
+    mallopt, trim = glibc_malloc() or (None, None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, int(threshold))
     try:
         yield
     finally:
         if mallopt is not None:
-            mallopt(-3, 32 << 20)
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             trim(0)
 
 
@@ -166,10 +178,6 @@ def usage(module, defaults):
     return "\n".join(text)
 
 
-MMAP_THRESHOLD = 32 << 20    # bytes: glibc's largest; blocks above it still go straight back to the kernel
-TRIM_THRESHOLD = 1 << 30     # bytes of free memory at the heap's top kept for reuse
-
-
 def keep_freed_memory():
     """Have glibc's malloc keep the memory a training step frees for the next step, instead of
     handing it back to the kernel. By default glibc maps large blocks (from 128 KB, a threshold it
@@ -179,16 +187,14 @@ def keep_freed_memory():
     threads that write them queue on the process's memory lock (gelu's backward ran at one
     thread's speed). Measured on a 2-core AMD EPYC (docs/performance.md): at the recipe's shapes,
     in one process, nanoGPT's training step 13-26% shorter with it and ours mostly 0-6% (the
-    chunked loss allocates little); a 300-iteration run on the built-in data 3-5% shorter (its evaluations),
+    chunked loss allocates little); 300-iteration runs on the built-in data 2-6% shorter (their evaluations),
     the training loop itself unchanged. Numerics unchanged.
-    Linux with glibc only (elsewhere nothing); returns whether it was set."""
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    Linux with glibc only, and not where the user set malloc's thresholds (glibc_malloc); returns
+    whether it was set."""
+    calls = glibc_malloc()
+    if calls is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # malloc.h; setting either ends glibc's own adjusting
+    mallopt = calls[0]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 

@@ -25,6 +25,7 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 import math
 import inspect
 import numbers
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -112,12 +113,27 @@ class LayerNorm(nn.Module):
 
 def keep_mask(shape, p, device):
     """Dropout's mask: True where an element is kept, each with probability 1 - p (p rounded to a
-    multiple of 1/65,536), from 16-bit random numbers, four to each 64-bit draw. On a CPU, PyTorch's
-    own dropout draws one number per element on one thread (7.8 ms per million elements; this: 1.4
-    ms), which took 19% of a training step at the repeat shop's shape. Returns (mask, 1 / P(keep))."""
+    multiple of 1/65,536), from 16-bit random numbers, four to each 64-bit draw: 1.4 ms per
+    million elements on one thread. Returns (mask, 1 / P(keep))."""
     n, cut = math.prod(shape), min(round(p * 65536), 65535)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     return bits.view(torch.int16)[:n].view(shape) >= cut - 32768, 65536 / (65536 - cut)
+
+
+def torch_masks_in_parallel():
+    """Whether PyTorch's own dropout is fast on this CPU: with MKL on an Intel CPU its bernoulli_
+    draws the masks in parallel; elsewhere (AMD, ARM, no MKL) one number per element on one thread,
+    7.8 ms per million elements, 19% of a training step at the repeat shop's shape on an AMD EPYC."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open('/proc/cpuinfo') as f:
+            return 'GenuineIntel' in f.read(4096)
+    except OSError:
+        return 'intel' in platform.processor().lower()
+
+
+OWN_MASKS = not torch_masks_in_parallel()   # dropout on a CPU draws with keep_mask
 
 
 class _Dropout(torch.autograd.Function):
@@ -135,10 +151,10 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(x, p, training):
-    """F.dropout, with keep_mask's masks on a CPU (elsewhere F.dropout: a GPU draws fast)."""
+    """F.dropout, with keep_mask's masks on a CPU where PyTorch's own are slow (OWN_MASKS)."""
     if not training or p == 0:
         return x
-    return _Dropout.apply(x, p) if x.device.type == 'cpu' else F.dropout(x, p, True)
+    return _Dropout.apply(x, p) if x.device.type == 'cpu' and OWN_MASKS else F.dropout(x, p, True)
 
 
 class Dropout(nn.Dropout):
@@ -178,7 +194,7 @@ class CausalSelfAttention(nn.Module):
             # 3-4x slower than fp32 on an AMX Xeon (bench.py), while the matmuls around it gain
             if fp32_attention:
                 q, kk, v = q.float(), kk.float(), v.float()
-            if self.training and self.dropout > 0 and q.device.type == 'cpu' and mask is None and not last:
+            if self.training and self.dropout > 0 and q.device.type == 'cpu' and OWN_MASKS and mask is None and not last:
                 # what scaled_dot_product_attention does with dropout on a CPU, with keep_mask's masks
                 att = (q @ kk.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
                 att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), -math.inf)

@@ -453,8 +453,9 @@ def test_dropout_masks_keep_each_element_with_probability_1_minus_p(p):
     assert torch.equal(model.keep_mask((1000, 1000), p, 'cpu')[0], keep)     # the seed decides the mask
 
 
-def test_dropout_scales_kept_elements_and_their_gradient():
+def test_dropout_scales_kept_elements_and_their_gradient(monkeypatch):
     import model
+    monkeypatch.setattr(model, 'OWN_MASKS', True)      # as on a CPU other than Intel's with MKL
     torch.manual_seed(0)
     x = (torch.rand(64, 4096) + 0.5).requires_grad_()
     d = model.Dropout(0.25).train()
@@ -469,13 +470,24 @@ def test_dropout_scales_kept_elements_and_their_gradient():
 
 def test_attention_with_dropout_is_attention_when_every_weight_is_kept(monkeypatch):
     # the CPU training path computes attention by hand to use keep_mask; with a mask keeping every
-    # weight it must give what scaled_dot_product_attention gives
+    # weight it must give what scaled_dot_product_attention gives, and the same gradients
     import model
     torch.manual_seed(0)
     att = model.CausalSelfAttention(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=32, dropout=0.3))
-    x = torch.randn(3, 16, 32)
+    x = torch.randn(3, 16, 32, requires_grad=True)
     expected = att.eval()(x)
+    expected.square().sum().backward()
+    grads = [x.grad] + [p.grad for p in att.parameters()]
+    monkeypatch.setattr(model, 'OWN_MASKS', True)
     monkeypatch.setattr(model, 'keep_mask', lambda shape, p, device: (torch.ones(shape, dtype=torch.bool), 1.0))
     att.train()
     att.resid_dropout.p = 0.0
-    assert torch.allclose(att(x), expected, atol=1e-6)
+    x.grad = None
+    att.zero_grad()
+    y = att(x)
+    y.square().sum().backward()
+    assert torch.allclose(y, expected, atol=1e-6)
+    for a, b in zip([x.grad] + [p.grad for p in att.parameters()], grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):     # attention itself stays fp32 there
+        assert torch.allclose(att(x).float(), expected, atol=0.05)
