@@ -25,7 +25,6 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 import math
 import inspect
 import numbers
-import platform
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -111,57 +110,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, w.shape, w, b, 1e-5)
 
 
-def keep_mask(shape, p, device):
-    """Dropout's mask: True where an element is kept, each with probability 1 - p (p rounded to a
-    multiple of 1/65,536), from 16-bit random numbers, four to each 64-bit draw: 1.4 ms per
-    million elements on one thread. Returns (mask, 1 / P(keep))."""
-    n, cut = math.prod(shape), min(round(p * 65536), 65535)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    return bits.view(torch.int16)[:n].view(shape) >= cut - 32768, 65536 / (65536 - cut)
-
-
-def torch_masks_in_parallel():
-    """Whether PyTorch's own dropout is fast on this CPU: with MKL on an Intel CPU its bernoulli_
-    draws the masks in parallel; elsewhere (AMD, ARM, no MKL) one number per element on one thread,
-    7.8 ms per million elements, 19% of a training step at the repeat shop's shape on an AMD EPYC."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        with open('/proc/cpuinfo') as f:
-            return 'GenuineIntel' in f.read(4096)
-    except OSError:
-        return 'intel' in platform.processor().lower()
-
-
-OWN_MASKS = not torch_masks_in_parallel()   # dropout on a CPU draws with keep_mask
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p):
-        keep, scale = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep * scale
-
-    @staticmethod
-    def backward(ctx, g):
-        keep, = ctx.saved_tensors
-        return g * keep * ctx.scale, None
-
-
-def dropout(x, p, training):
-    """F.dropout, with keep_mask's masks on a CPU where PyTorch's own are slow (OWN_MASKS)."""
-    if not training or p == 0:
-        return x
-    return _Dropout.apply(x, p) if x.device.type == 'cpu' and OWN_MASKS else F.dropout(x, p, True)
-
-
-class Dropout(nn.Dropout):
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, n_sets=1):
@@ -169,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = SetLinear(config.n_embd, 3 * config.n_embd, config.bias, n_sets)
         self.c_proj = SetLinear(config.n_embd, config.n_embd, config.bias, n_sets)
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
 
@@ -194,14 +142,8 @@ class CausalSelfAttention(nn.Module):
             # 3-4x slower than fp32 on an AMX Xeon (bench.py), while the matmuls around it gain
             if fp32_attention:
                 q, kk, v = q.float(), kk.float(), v.float()
-            if self.training and self.dropout > 0 and q.device.type == 'cpu' and OWN_MASKS and mask is None and not last:
-                # what scaled_dot_product_attention does with dropout on a CPU, with keep_mask's masks
-                att = (q @ kk.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
-                y = dropout(torch.softmax(att, dim=-1), self.dropout, True) @ v
-            else:
-                y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                                   is_causal=mask is None and not last)    # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=mask is None and not last)    # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y, k))
 
@@ -212,7 +154,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = SetLinear(config.n_embd, 4 * config.n_embd, config.bias, n_sets)
         self.c_proj = SetLinear(4 * config.n_embd, config.n_embd, config.bias, n_sets)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, k=0):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x, k)), k))
@@ -384,7 +326,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=SetEmbedding(config.vocab_size, config.n_embd, k_emb),
             wpe=SetEmbedding(config.block_size, config.n_embd, k_emb),
-            drop=Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, k_blk, K) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, config.bias, k_ln),
         ))
