@@ -25,7 +25,7 @@ Used by: train.py (training), evaluate.py (full-ranking evaluation), sample.py (
 import math
 import inspect
 import numbers
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -553,19 +553,6 @@ class GPT(nn.Module):
         rep = self.sparse_terms(idx, at)
         return z if rep is None else z.scatter_add(-1, rep[0], rep[1].to(z.dtype))
 
-    @contextmanager
-    def evaluating(self):
-        """Eval mode (dropout off) inside, the mode before restored after. A model already in eval
-        mode is left as it is: switching walks every module, and generation asks at every step."""
-        was = self.training
-        if was:
-            self.eval()
-        try:
-            yield self
-        finally:
-            if was:
-                self.train()
-
     @torch.no_grad()
     def next_logits(self, idx, at, cluster_ids=None, rows=None, last=False):
         """Scores of the next page, the one "contexts -> logits" of every reader (evaluation, the
@@ -576,20 +563,24 @@ class GPT(nn.Module):
         the head then runs once on all the gathered positions. last: at is every row's last
         position (generation over full windows, sessions.KVCache): the last block computes that
         position only, the same scores to rounding."""
-        with self.evaluating():
-            B = idx.size(0)
-            rows = rows or B
-            if cluster_ids is not None:
-                cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device)
-            h_at, reps = [], []
-            for s in range(0, B, rows):
-                cid = None if cluster_ids is None else cluster_ids[s:s + rows]
-                h = self.hidden_states(idx[s:s + rows], cid, last)                        # (rows, T or 1, C)
-                h_at.append(h if last else h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])
-                reps.append(self.sparse_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, *) or None
-            z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
-            if reps[0] is not None:                                                      # the pages already seen or likely next
-                z.scatter_add_(-1, torch.cat([p for p, _ in reps]), torch.cat([v for _, v in reps]).float())
+        was_training = self.training
+        if was_training:      # switching walks every module: not at each of generation's steps
+            self.eval()
+        B = idx.size(0)
+        rows = rows or B
+        if cluster_ids is not None:
+            cluster_ids = torch.as_tensor(cluster_ids, dtype=torch.long, device=idx.device)
+        h_at, reps = [], []
+        for s in range(0, B, rows):
+            cid = None if cluster_ids is None else cluster_ids[s:s + rows]
+            h = self.hidden_states(idx[s:s + rows], cid, last)                        # (rows, T or 1, C)
+            h_at.append(h if last else h[torch.arange(h.size(0), device=h.device)[:, None], at[s:s + rows]])
+            reps.append(self.sparse_terms(idx[s:s + rows], at[s:s + rows]))          # (rows, n, *) or None
+        z = self.head(torch.cat(h_at), cluster_ids).float()                          # (B, n, V)
+        if reps[0] is not None:                                                      # the pages already seen or likely next
+            z.scatter_add_(-1, torch.cat([p for p, _ in reps]), torch.cat([v for _, v in reps]).float())
+        if was_training:
+            self.train()
         return z
 
     def forward(self, idx, targets=None, cluster_ids=None, class_weight=None, logit_bias=None,

@@ -195,8 +195,13 @@ class KVCache:
         self.k = self.cid if mixed else (0 if self.cid is None else int(self.cid[0]))
         self.valid = torch.arange(idx.size(1), device=dev)[None, :] < self.len[:, None]   # (B, S) keys seen
         self.caches = [{} for _ in model.transformer.h]
-        with torch.no_grad(), model.evaluating():
+        was = model.training
+        if was:                # switching walks every module: only when needed (as next_logits)
+            model.eval()
+        with torch.no_grad():
             h = model._trunk(idx, self.k, caches=self.caches)                        # (B, T, C)
+        if was:
+            model.train()
         self.h_last = h[torch.arange(len(idx), device=dev), self.len - 1]          # (B, C)
 
     @torch.no_grad()
@@ -246,8 +251,12 @@ class KVCache:
         self.valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
         for c in self.caches:
             c['mask'] = self.valid[:, None, None, :]
-        with self.model.evaluating():
-            self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
+        was = self.model.training
+        if was:
+            self.model.eval()
+        self.h_last = self.model._trunk(tokens[:, None], self.k, pos=pos[:, None], caches=self.caches)[:, 0]
+        if was:
+            self.model.train()
 
     def _count(self, tokens):
         """The repeat term's statistics after each row's new token (at position len): what
